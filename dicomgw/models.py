@@ -1,0 +1,214 @@
+"""The local archive index: Patient / Study / Series / Instance per facility.
+
+The original bytes of every instance are kept through Django's storage API (the
+``archive`` storage), under a name we generate; nothing in a file or from a client
+decides where it is stored."""
+
+import uuid
+
+from django.core.files.storage import storages
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from pockethealth.models import Facility
+
+
+def archive_storage():
+    return storages["archive"]
+
+
+def archive_file_name(instance, filename):
+    """A storage name that owes nothing to the file or the client: facility id and a
+    random UUID, fanned out over 256 folders."""
+    token = uuid.uuid4().hex
+    return f"{instance.facility_id}/{token[:2]}/{token}.dcm"
+
+
+class IngestSource(models.TextChoices):
+    SCP = "scp", _("DICOM receive (C-STORE)")
+    RETRIEVE = "retrieve", _("PACS retrieve")
+    UPLOAD = "upload", _("Browser upload")
+    DEMO = "demo", _("Demo data")
+    IMPORT = "import", _("File import")
+
+
+class Patient(models.Model):
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="patients")
+    patient_id = models.CharField(_("patient ID (MRN)"), max_length=64, blank=True)
+    issuer_of_patient_id = models.CharField(_("issuer of patient ID"), max_length=64, blank=True)
+    # PatientName as decoded through SpecificCharacterSet, DICOM PN form:
+    # "Family^Given^Middle^Prefix^Suffix" with "=" between the alphabetic, ideographic
+    # and phonetic groups (PS3.5 6.2.1).
+    name = models.CharField(_("patient name"), max_length=320, blank=True)
+    # Lower-case, punctuation-free copy of every name group, for searching.
+    name_search = models.CharField(max_length=320, blank=True, db_index=True)
+    birth_date = models.DateField(_("date of birth"), null=True, blank=True)
+    sex = models.CharField(_("sex"), max_length=16, blank=True)
+    # Digest of (patient ID, issuer, name, birth date): one row per distinct identity, so
+    # two people who happen to share an outside MRN are never merged.
+    identity_key = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name = _("patient")
+        verbose_name_plural = _("patients")
+        ordering = ["name_search", "birth_date"]
+        constraints = [
+            models.UniqueConstraint(fields=["facility", "identity_key"], name="patient_identity"),
+        ]
+        indexes = [models.Index(fields=["facility", "patient_id"])]
+
+    def __str__(self):
+        return f"Patient {self.pk}"
+
+    @property
+    def name_groups(self) -> list[str]:
+        return self.name.split("=")
+
+    @property
+    def display_name(self) -> str:
+        """"FAMILY, Given Middle" from the first non-empty name group, followed by the
+        other groups in brackets (e.g. the kanji form of a Japanese name)."""
+        shown = [format_person_name(group) for group in self.name_groups if group.strip("^ ")]
+        if not shown:
+            return ""
+        head, *rest = shown
+        return f"{head} ({' / '.join(rest)})" if rest else head
+
+
+def format_person_name(group: str) -> str:
+    parts = [p.strip() for p in group.split("^")]
+    family = parts[0] if parts else ""
+    given = " ".join(p for p in parts[1:3] if p)
+    prefix = parts[3] if len(parts) > 3 else ""
+    suffix = parts[4] if len(parts) > 4 else ""
+    text = family.upper() if family.isascii() else family
+    if given:
+        text = f"{text}, {given}" if text else given
+    if prefix:
+        text = f"{prefix} {text}"
+    if suffix:
+        text = f"{text} {suffix}"
+    return text
+
+
+class Study(models.Model):
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="studies")
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="studies")
+    study_instance_uid = models.CharField(_("study instance UID"), max_length=64)
+    study_date = models.DateField(_("study date"), null=True, blank=True)
+    study_time = models.TimeField(_("study time"), null=True, blank=True)
+    description = models.CharField(_("description"), max_length=200, blank=True)
+    modalities = models.CharField(_("modalities"), max_length=200, blank=True)
+    accession_number = models.CharField(_("accession number"), max_length=64, blank=True)
+    referring_physician = models.CharField(_("referring physician"), max_length=320, blank=True)
+    study_id = models.CharField(_("study ID"), max_length=16, blank=True)
+    num_series = models.PositiveIntegerField(_("series"), default=0)
+    num_instances = models.PositiveIntegerField(_("images"), default=0)
+    total_bytes = models.PositiveBigIntegerField(_("size (bytes)"), default=0)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = _("study")
+        verbose_name_plural = _("studies")
+        ordering = ["-study_date", "-study_time", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["facility", "study_instance_uid"], name="study_uid_per_facility"
+            ),
+        ]
+
+    def __str__(self):
+        return f"Study {self.pk}"
+
+    @property
+    def modality_list(self) -> list[str]:
+        return [m for m in self.modalities.split("\\") if m]
+
+
+class Series(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    series_instance_uid = models.CharField(_("series instance UID"), max_length=64)
+    modality = models.CharField(_("modality"), max_length=16, blank=True)
+    series_number = models.IntegerField(_("series number"), null=True, blank=True)
+    description = models.CharField(_("description"), max_length=200, blank=True)
+    body_part = models.CharField(_("body part"), max_length=64, blank=True)
+    num_instances = models.PositiveIntegerField(_("images"), default=0)
+    total_bytes = models.PositiveBigIntegerField(_("size (bytes)"), default=0)
+
+    class Meta:
+        verbose_name = _("series")
+        verbose_name_plural = _("series")
+        ordering = ["series_number", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["study", "series_instance_uid"], name="series_uid_per_study"
+            ),
+        ]
+
+    def __str__(self):
+        return f"Series {self.pk}"
+
+
+class Instance(models.Model):
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    sop_instance_uid = models.CharField(_("SOP instance UID"), max_length=64)
+    sop_class_uid = models.CharField(_("SOP class UID"), max_length=64)
+    transfer_syntax_uid = models.CharField(_("transfer syntax UID"), max_length=64)
+    instance_number = models.IntegerField(_("instance number"), null=True, blank=True)
+    number_of_frames = models.PositiveIntegerField(_("frames"), default=1)
+    rows = models.PositiveIntegerField(null=True, blank=True)
+    columns = models.PositiveIntegerField(null=True, blank=True)
+    file = models.FileField(
+        storage=archive_storage, upload_to=archive_file_name, max_length=200, editable=False,
+    )
+    size = models.PositiveBigIntegerField(_("size (bytes)"))
+    sha256 = models.CharField(_("SHA-256"), max_length=64)
+    source = models.CharField(_("source"), max_length=16, choices=IngestSource.choices)
+    received_at = models.DateTimeField(_("received"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("instance")
+        verbose_name_plural = _("instances")
+        ordering = ["instance_number", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["facility", "sop_instance_uid"], name="instance_uid_per_facility"
+            ),
+        ]
+
+    def __str__(self):
+        return f"Instance {self.pk}"
+
+
+class InstanceConflict(models.Model):
+    """A file that arrived with the SOP Instance UID of an archived instance but with
+    different bytes. Kept aside for review; the archived copy is never overwritten."""
+
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
+    existing = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="conflicts")
+    sop_instance_uid = models.CharField(_("SOP instance UID"), max_length=64)
+    file = models.FileField(
+        storage=archive_storage, upload_to=archive_file_name, max_length=200, editable=False,
+    )
+    size = models.PositiveBigIntegerField(_("size (bytes)"))
+    sha256 = models.CharField(_("SHA-256"), max_length=64)
+    source = models.CharField(_("source"), max_length=16, choices=IngestSource.choices)
+    received_at = models.DateTimeField(_("received"), default=timezone.now)
+    resolved = models.BooleanField(_("resolved"), default=False)
+
+    class Meta:
+        verbose_name = _("instance conflict")
+        verbose_name_plural = _("instance conflicts")
+        ordering = ["-received_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["existing", "sha256"], name="conflict_once_per_content"
+            ),
+        ]
+
+    def __str__(self):
+        return f"Conflict {self.pk}"

@@ -1,0 +1,768 @@
+"""Archive services. Every path by which DICOM enters (the storage SCP, PACS retrieve,
+browser upload, demo data, tests) goes through ``ingest_file``."""
+
+import datetime
+import hashlib
+import logging
+import os
+import re
+import struct
+import tempfile
+import unicodedata
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from django.conf import settings
+from django.core.files import File
+from django.db import IntegrityError, models, transaction
+from django.db.models import F
+from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.filereader import read_file_meta_info
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, AllTransferSyntaxes, MediaStorageDirectoryStorage
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
+from pockethealth.models import Facility
+
+from .models import IngestSource, Instance, InstanceConflict, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+
+# pydicom's value-validation warnings quote the offending value ("Invalid value for VR
+# DA: '1980-13-45'"), which may be a name, an ID or a birth date, and Django routes
+# warnings into the log. We accept non-conformant values anyway (see ``ingest_file``),
+# so the validation is switched off for reading; it changes nothing but the warnings.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+def name_search_key(text: str) -> str:
+    """A lower-case, accent-free, punctuation-free form of a name for searching:
+    "O'Brien^Mary=..." and "obrien mary" meet."""
+    text = unicodedata.normalize("NFKC", text).replace("^", " ").replace("=", " ")
+    text = "".join(
+        c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)
+    )
+    text = re.sub(r"[^\w\s]", "", text.lower())
+    return " ".join(text.split())
+
+
+def patient_identity_key(*, patient_id: str, issuer: str, name: str,
+                         birth_date: datetime.date | None) -> str:
+    """The digest that tells two patients of a facility apart (``Patient.identity_key``),
+    computed from the values as stored on the row."""
+    dob = birth_date.isoformat() if birth_date else ""
+    return hashlib.sha256(f"{patient_id}|{issuer}|{name}|{dob}".encode()).hexdigest()
+
+
+class DicomGatewayError(Exception):
+    """A misuse of the archive services, or a failure the caller should retry."""
+
+
+class IngestStatus(models.TextChoices):
+    STORED = "stored", _("Stored")
+    DUPLICATE = "duplicate", _("Already archived")
+    CONFLICT = "conflict", _("Kept aside: differs from the archived copy")
+    REJECTED = "rejected", _("Rejected")
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: IngestStatus
+    # Plain-language reason for REJECTED and CONFLICT, shown to users.
+    reason: str = ""
+    # Of the bytes as stored (the preamble zeroed).
+    sha256: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    # The archived instance: the new one for STORED, the existing one for DUPLICATE
+    # and CONFLICT.
+    instance: Instance | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (IngestStatus.STORED, IngestStatus.DUPLICATE)
+
+
+CONFLICT_REASON = (
+    "An image with the same identifier (SOP Instance UID) is already archived with "
+    "different content. The archived copy was kept; the new copy was set aside for review."
+)
+
+PREAMBLE_LENGTH = 128  # PS3.10 7.1
+CHUNK_SIZE = 1024 * 1024
+# Elements larger than this are left on disc while the file is checked, so a big image
+# does not have to fit in memory; their extent is still checked against the file size.
+DEFER_SIZE = 1024 * 1024
+UNDEFINED_LENGTH = 0xFFFFFFFF
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), little endian (PS3.5 7.5)
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
+BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+DIRECTORY_RECORD_SEQUENCE = 0x00041220
+# PS3.5 9.1: digits in components separated by ".", at most 64 characters. Leading
+# zeros inside a component are forbidden too, but old scanners write them and the
+# UID still identifies the object, so they are let through.
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+TRUNCATED = "the file is incomplete or damaged: its contents do not add up to its length"
+DAMAGED = "the file is damaged and cannot be read as DICOM"
+
+
+class _Rejected(Exception):
+    """Internal: the received file cannot be archived, for ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Received:
+    """A file copied to the spool: the preamble zeroed, hashed on the way."""
+
+    spool: BinaryIO
+    path: Path
+    size: int
+    sha256: str
+    head: bytes  # the first bytes as received, preamble included, to name the kind
+
+
+@dataclass
+class _Header:
+    """What the index keeps of one file, already decoded, normalized and cut to fit."""
+
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient: dict = field(default_factory=dict)
+    study: dict = field(default_factory=dict)
+    series: dict = field(default_factory=dict)
+    instance: dict = field(default_factory=dict)
+
+
+def ingest_file(*, facility: Facility, path: str | os.PathLike | None = None,
+                fileobj: BinaryIO | None = None, source: str) -> IngestOutcome:
+    """Archive one received DICOM file for ``facility`` and index it.
+
+    Exactly one of ``path`` or ``fileobj`` (read from its current position, not closed)
+    is given; ``source`` is an ``IngestSource`` value.
+
+    What is accepted: a DICOM Part 10 file (PS3.10 7.1: preamble, "DICM", File Meta
+    Information with a Transfer Syntax UID this archive can read) whose every element,
+    nested sequences included, can be read and converted, and whose SOP Class, SOP
+    Instance, Study and Series Instance UIDs are present and well-formed. Values that
+    break the standard's rules but can still be read (a non-numeric IS, a misspelt
+    character set, an over-long string) are accepted: refusing them would lose a
+    patient's images over a scanner's quirk. For the same reason a File Meta
+    Information whose Media Storage SOP Instance UID differs from the data set's SOP
+    Instance UID (PS3.10 7.1 wants them equal; anonymizers often rewrite only the data
+    set) is accepted, and the instance is known by the data set's UID: that is the one
+    a C-STORE carries and every viewer reads.
+
+    Pixel Data, checked at the top level of the dataset (the image itself, not icons):
+    native Pixel Data must be at least Rows x Columns x Samples per Pixel x Bits
+    Allocated / 8 x Number of Frames bytes long (PS3.5 8.1.1; YBR_FULL_422 holds two
+    samples per pixel, PS3.3 C.7.6.3.1.2); encapsulated Pixel Data (PS3.5 A.4) must be
+    an offset table item followed by at least one fragment item and the sequence
+    delimiter, all within the file. The compressed frames themselves are not decoded:
+    that is the viewer's job, and a codec missing here must not cost a patient an image.
+
+    Never raises over the content of the file: anything unreadable becomes REJECTED
+    with a plain-language reason. Storage and database failures do raise (after
+    removing any stored file), so that a task can retry. Called inside an outer
+    transaction that later rolls back, a stored file would stay behind; callers
+    ingest outside of one.
+
+    The stored bytes are the received bytes with the 128-byte preamble set to zeros
+    (CVE-2019-11687: a preamble can make a DICOM file a valid executable or archive
+    too); nothing else is changed. Nothing from the file or the client chooses where
+    it is stored.
+    """
+    if (path is None) == (fileobj is None):
+        raise DicomGatewayError("ingest_file takes exactly one of path or fileobj")
+    if source not in IngestSource.values:
+        raise DicomGatewayError(f"unknown ingest source {source!r}")
+
+    spool_dir = Path(settings.SPOOL_DIR)
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    fd, spool_name = tempfile.mkstemp(dir=spool_dir, prefix="ingest-", suffix=".dcm")
+    spool_path = Path(spool_name)
+    try:
+        with os.fdopen(fd, "w+b") as spool:
+            received = None
+            try:
+                received = _receive(spool, spool_path, path=path, fileobj=fileobj)
+                header = _check_and_read(received)
+            except _Rejected as rejected:
+                log.info("ingest rejected: facility=%s bytes=%s reason=%s", facility.pk,
+                         received.size if received else None, rejected.reason)
+                return IngestOutcome(
+                    status=IngestStatus.REJECTED, reason=rejected.reason,
+                    sha256=received.sha256 if received else "",
+                )
+            return _archive(facility=facility, received=received, header=header,
+                           source=source)
+    finally:
+        spool_path.unlink(missing_ok=True)
+
+
+def ingest_files(*, facility: Facility, paths: Iterable[str | os.PathLike],
+                 source: str) -> list[IngestOutcome]:
+    """``ingest_file`` for each path, in order; one file's rejection stops nothing."""
+    return [ingest_file(facility=facility, path=path, source=source) for path in paths]
+
+
+# --- Receiving ---------------------------------------------------------------------
+
+
+def _receive(spool: BinaryIO, spool_path: Path, *, path, fileobj) -> _Received:
+    """Copy the file to the spool in chunks, zeroing the preamble and hashing what is
+    written, in constant memory. A file that cannot be read is rejected; a spool that
+    cannot be written raises."""
+    limit = settings.INGEST_MAX_FILE_BYTES
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    try:
+        source = open(path, "rb") if fileobj is None else fileobj
+    except OSError:
+        raise _Rejected("the file could not be read") from None
+    try:
+        while True:
+            try:
+                chunk = source.read(CHUNK_SIZE)
+            except OSError:
+                raise _Rejected("the file could not be read") from None
+            if not chunk:
+                break
+            if len(head) < 256:
+                head += chunk[: 256 - len(head)]
+            if size < PREAMBLE_LENGTH:
+                zeroed = min(PREAMBLE_LENGTH - size, len(chunk))
+                chunk = bytes(zeroed) + chunk[zeroed:]
+            size += len(chunk)
+            if size > limit:
+                raise _Rejected(f"the file is larger than the {filesizeformat(limit)} "
+                               "allowed for one file")
+            digest.update(chunk)
+            spool.write(chunk)
+    finally:
+        if fileobj is None:
+            source.close()
+    spool.flush()
+    if size == 0:
+        raise _Rejected("the file is empty")
+    return _Received(spool=spool, path=spool_path, size=size, sha256=digest.hexdigest(),
+                    head=head)
+
+
+# --- Checking ----------------------------------------------------------------------
+
+
+def _check_and_read(received: _Received) -> _Header:
+    """Check the spooled file strictly and return what the index keeps of it; raise
+    ``Rejected`` if it is not an archivable DICOM file."""
+    if received.size < PREAMBLE_LENGTH + 4 or received.head[128:132] != b"DICM":
+        raise _Rejected(f"not a DICOM Part 10 file: {_describe_non_dicom(received.head)}")
+    try:
+        return _read_checked(received)
+    except _Rejected:
+        raise
+    except Exception as exc:  # untrusted input: whatever pydicom trips on is a bad file
+        log.info("ingest parse failure: %s", type(exc).__name__)
+        raise _Rejected(DAMAGED) from None
+
+
+def _read_checked(received: _Received) -> _Header:
+    try:
+        meta = read_file_meta_info(received.path)
+    except Exception:
+        raise _Rejected("its File Meta Information header (PS3.10 7.1) is damaged") from None
+
+    transfer_syntax = _clean_uid(meta.get("TransferSyntaxUID"))
+    if not transfer_syntax:
+        raise _Rejected("its File Meta Information has no Transfer Syntax UID (PS3.10 7.1)")
+    if not _is_valid_uid(transfer_syntax):
+        raise _Rejected("its Transfer Syntax UID is malformed")
+    if transfer_syntax not in AllTransferSyntaxes:
+        raise _Rejected("it uses a transfer syntax this archive cannot read")
+    transfer_syntax = UID(transfer_syntax)
+    if _clean_uid(meta.get("MediaStorageSOPClassUID")) == MediaStorageDirectoryStorage:
+        raise _Rejected(DICOMDIR_REASON)
+
+    # Read through a handle of our own, opened by name: pydicom puts the file's name
+    # in some messages and needs it to be a string.
+    with open(received.path, "rb") as fp:
+        if transfer_syntax.is_deflated:
+            _check_inflated_size(fp)
+            fp.seek(0)
+        # Deflated data is inflated into memory by pydicom, where deferring buys nothing.
+        ds = dcmread(fp, force=False,
+                     defer_size=None if transfer_syntax.is_deflated else DEFER_SIZE)
+        # pydicom stops quietly at a short element header, and leaves a missing
+        # delimiter or an element running past the end of the file to a warning; a
+        # complete read ends exactly at the end of the file.
+        if not transfer_syntax.is_deflated and fp.tell() != received.size:
+            raise _Rejected(TRUNCATED)
+        if DIRECTORY_RECORD_SEQUENCE in ds:
+            raise _Rejected(DICOMDIR_REASON)
+
+        _check_pixel_data(ds, fp, transfer_syntax)
+        _convert_every_element(ds.file_meta)
+        _convert_every_element(ds)
+        return _read_header(ds, transfer_syntax)
+
+
+DICOMDIR_REASON = ("it is a DICOMDIR (disc index), not an image; the images it lists "
+                   "are separate files")
+
+
+def _describe_non_dicom(head: bytes) -> str:
+    """A plain-language guess at what a file without the "DICM" marker is."""
+    signatures = (
+        (b"\xff\xd8\xff", "it looks like a JPEG picture"),
+        (b"\x89PNG\r\n\x1a\n", "it looks like a PNG picture"),
+        (b"GIF87a", "it looks like a GIF picture"),
+        (b"GIF89a", "it looks like a GIF picture"),
+        (b"II*\x00", "it looks like a TIFF picture"),
+        (b"MM\x00*", "it looks like a TIFF picture"),
+        (b"%PDF-", "it looks like a PDF document"),
+        (b"PK\x03\x04", "it looks like a ZIP archive"),
+        (b"\x1f\x8b", "it looks like a gzip-compressed file"),
+        (b"MZ", "it looks like a program"),
+    )
+    for signature, kind in signatures:
+        if head.startswith(signature):
+            return kind
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it looks like a web page"
+    if head[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00"):
+        return ("it looks like a bare DICOM data set without the Part 10 header "
+                "(PS3.10 7.1); ask the sender to export it as a DICOM file")
+    controls = set(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D, 0x1B} | {0x7F}
+    if not controls.intersection(head):
+        return "it looks like a text file"
+    return 'it has no "DICM" marker after the 128-byte preamble (PS3.10 7.1)'
+
+
+def _check_inflated_size(fp: BinaryIO) -> None:
+    """A deflated data set (PS3.5 A.5) is inflated whole into memory when read; refuse
+    one that would inflate beyond the size limit (a "zip bomb") before that happens."""
+    limit = settings.INGEST_MAX_FILE_BYTES
+    fp.seek(_file_meta_end(fp))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    while chunk := fp.read(CHUNK_SIZE):
+        data = inflater.decompress(chunk, CHUNK_SIZE)
+        while True:
+            inflated += len(data)
+            if inflated > limit:
+                raise _Rejected(f"its compressed data would inflate beyond the "
+                               f"{filesizeformat(limit)} allowed for one file")
+            if not inflater.unconsumed_tail:
+                break
+            data = inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
+
+
+def _file_meta_end(fp: BinaryIO) -> int:
+    """The offset just past the File Meta Information: the group 0002 elements after
+    "DICM", always Explicit VR Little Endian (PS3.10 7.1)."""
+    fp.seek(PREAMBLE_LENGTH + 4)
+    while True:
+        start = fp.tell()
+        header = fp.read(8)
+        if len(header) < 8:
+            return start
+        group, _element, vr, length = struct.unpack("<HH2sH", header)
+        if group != 0x0002:
+            return start
+        if vr.decode("latin-1") in EXPLICIT_VR_LENGTH_32:
+            (length,) = struct.unpack("<L", fp.read(4))
+        fp.seek(length, os.SEEK_CUR)
+
+
+def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
+    """Reject top-level Pixel Data that cannot hold the image it describes (see
+    ``ingest_file``). Runs on the raw elements, before anything converts them."""
+    for tag in PIXEL_DATA_TAGS:
+        raw = ds.get_item(tag, keep_deferred=True)
+        if raw is None:
+            continue
+        if not isinstance(raw, RawDataElement):
+            raise _Rejected(DAMAGED)
+        if raw.length == UNDEFINED_LENGTH:
+            if not transfer_syntax.is_encapsulated:
+                raise _Rejected("its image data is encapsulated, but its transfer syntax "
+                               "says it is uncompressed")
+            _check_fragments(raw, fp)
+            continue
+        if transfer_syntax.is_encapsulated:
+            raise _Rejected("its image data is not encapsulated, but its transfer syntax "
+                           "says it is compressed (PS3.5 A.4)")
+        if raw.value is not None and len(raw.value) < raw.length:
+            raise _Rejected(TRUNCATED)
+        if raw.length < _expected_native_length(ds):
+            raise _Rejected("its image data is shorter than the image size it declares "
+                           "(the file was probably cut short)")
+
+
+def _check_fragments(raw: RawDataElement, fp: BinaryIO) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): a Basic Offset Table item, one or more
+    fragment items, then the sequence delimiter, all inside the file."""
+    if raw.value is not None:
+        # pydicom kept the value up to (not including) the sequence delimiter.
+        buffer = BytesIO(raw.value + SEQUENCE_DELIMITER + bytes(4))
+    else:
+        fp.seek(raw.value_tell)
+        buffer = fp
+    try:
+        parse_basic_offsets(buffer)
+        count, offsets = parse_fragments(buffer)
+    except (ValueError, struct.error):
+        raise _Rejected("its compressed image data is damaged") from None
+    if count == 0:
+        raise _Rejected("its compressed image data holds no image")
+    buffer.seek(offsets[-1] + 4)
+    (last_length,) = struct.unpack("<L", buffer.read(4))
+    buffer.seek(last_length, os.SEEK_CUR)
+    if buffer.read(4) != SEQUENCE_DELIMITER:
+        raise _Rejected("its compressed image data is damaged or cut short")
+
+
+def _expected_native_length(ds: Dataset) -> int:
+    """The bytes that native Pixel Data of this image needs (PS3.5 8.1.1)."""
+    rows = _positive_int(ds.get("Rows"))
+    columns = _positive_int(ds.get("Columns"))
+    bits_allocated = _positive_int(ds.get("BitsAllocated"))
+    if not (rows and columns and bits_allocated):
+        raise _Rejected("it has image data but no valid Rows, Columns and Bits Allocated "
+                       "to describe it")
+    samples = _positive_int(ds.get("SamplesPerPixel")) or 1
+    # An unreadable Number of Frames still means at least one frame.
+    frames = _positive_int(ds.get("NumberOfFrames")) or 1
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # PS3.3 C.7.6.3.1.2: two luminance samples share one Cb and one Cr
+    bits = rows * columns * samples * frames * bits_allocated
+    return (bits + 7) // 8
+
+
+def _convert_every_element(ds: Dataset) -> None:
+    """Convert every element's value, recursing into sequences, so that a damaged
+    element is found now rather than when someone opens the image. Large binary
+    values left on disc are not loaded: the file-size check covers their extent."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement):
+            if raw.value is None and raw.length != 0:  # deferred: left on disc
+                if _binary_vr(raw):
+                    continue
+            elif (raw.value is not None and raw.length != UNDEFINED_LENGTH
+                  and len(raw.value) < raw.length):
+                raise _Rejected(TRUNCATED)
+        element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_every_element(item)
+
+
+def _binary_vr(raw: RawDataElement) -> bool:
+    vr = raw.VR
+    if vr is None:  # implicit VR: the dictionary's, and private tags are opaque
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return True
+    return bool(BINARY_VRS.intersection(vr.split(" or ")))
+
+
+# --- Reading the index fields ------------------------------------------------------
+
+
+def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
+    uids = {}
+    for keyword, label in (("SOPClassUID", "SOP Class UID"),
+                           ("SOPInstanceUID", "SOP Instance UID"),
+                           ("StudyInstanceUID", "Study Instance UID"),
+                           ("SeriesInstanceUID", "Series Instance UID")):
+        value = ds.get(keyword)
+        if isinstance(value, MultiValue):
+            raise _Rejected(f"its {label} holds more than one value")
+        uid = _clean_uid(value)
+        if not uid:
+            raise _Rejected(f"it has no {label}, which every DICOM object must have")
+        if not _is_valid_uid(uid):
+            raise _Rejected(f"its {label} is malformed (PS3.5 9.1: at most 64 digits "
+                           "and dots)")
+        uids[keyword] = uid
+    name = _person_name(ds.get("PatientName"))
+    patient = {
+        "patient_id": _fit(Patient, "patient_id", _text(ds.get("PatientID"))),
+        "issuer_of_patient_id": _fit(Patient, "issuer_of_patient_id",
+                                    _text(ds.get("IssuerOfPatientID"))),
+        "name": _fit(Patient, "name", name),
+        "birth_date": _parse_date(ds.get("PatientBirthDate")),
+        "sex": _fit(Patient, "sex", _text(ds.get("PatientSex"))),
+    }
+    patient["name_search"] = _fit(Patient, "name_search", name_search_key(patient["name"]))
+    study = {
+        "study_date": _parse_date(ds.get("StudyDate")),
+        "study_time": _parse_time(ds.get("StudyTime")),
+        "description": _fit(Study, "description", _text(ds.get("StudyDescription"))),
+        "accession_number": _fit(Study, "accession_number", _text(ds.get("AccessionNumber"))),
+        "referring_physician": _fit(Study, "referring_physician",
+                                   _person_name(ds.get("ReferringPhysicianName"))),
+        "study_id": _fit(Study, "study_id", _text(ds.get("StudyID"))),
+    }
+    series = {
+        "modality": _fit(Series, "modality", _text(ds.get("Modality"))),
+        "series_number": _bounded_int(ds.get("SeriesNumber")),
+        "description": _fit(Series, "description", _text(ds.get("SeriesDescription"))),
+        "body_part": _fit(Series, "body_part", _text(ds.get("BodyPartExamined"))),
+    }
+    instance = {
+        "instance_number": _bounded_int(ds.get("InstanceNumber")),
+        "number_of_frames": _positive_int(ds.get("NumberOfFrames")) or 1,
+        "rows": _positive_int(ds.get("Rows")),
+        "columns": _positive_int(ds.get("Columns")),
+    }
+    return _Header(
+        transfer_syntax_uid=str(transfer_syntax),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        patient=patient, study=study, series=series, instance=instance,
+    )
+
+
+def _clean_uid(value) -> str:
+    """A UI value without its padding (PS3.5 9.1: a trailing NUL pads to even length)."""
+    if value is None or isinstance(value, MultiValue | list):
+        return ""
+    return str(value).strip(" \0")
+
+
+def _is_valid_uid(uid: str) -> bool:
+    return len(uid) <= 64 and UID_PATTERN.fullmatch(uid) is not None
+
+
+def _text(value) -> str:
+    """A string value as text: multiple values joined with "\\" (PS3.5 6.4), padding
+    and NULs (which PostgreSQL refuses) removed."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_text(v) for v in value)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return str(value).replace("\0", "").strip()
+
+
+def _person_name(value) -> str:
+    """A PN value decoded through the file's Specific Character Set (pydicom applies it,
+    ISO 2022 escape sequences included), in DICOM form: "Family^Given" with "=" between
+    the alphabetic, ideographic and phonetic groups (PS3.5 6.2.1). Trailing empty
+    groups and components are dropped."""
+    name = _text(value)
+    groups = [group.rstrip("^ ") for group in name.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def _fit(model: type[models.Model], field_name: str, value: str) -> str:
+    """``value`` cut to the column's length: an over-long value is non-conformant but
+    not a reason to lose the image."""
+    return value[: model._meta.get_field(field_name).max_length]
+
+
+def _positive_int(value) -> int | None:
+    number = _bounded_int(value)
+    return number if number is not None and number > 0 else None
+
+
+def _bounded_int(value) -> int | None:
+    """An IS or US value as an integer that fits an integer column, or None when it is
+    absent or unreadable (an IS like "1A" is left as text by pydicom)."""
+    if isinstance(value, MultiValue | list):
+        value = value[0] if len(value) else None
+    if value is None:
+        return None
+    try:
+        number = int(value) if isinstance(value, int) else int(str(value).strip())
+    except ValueError:
+        try:
+            number = int(float(str(value).strip()))
+        except (ValueError, OverflowError):
+            return None
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def _parse_date(value) -> datetime.date | None:
+    """A DA value (PS3.5 6.2 "YYYYMMDD", or the pre-3.0 "YYYY.MM.DD" the standard asks
+    readers to accept), None when absent or not a real date."""
+    if isinstance(value, datetime.date):
+        return value
+    digits = _text(value).replace(".", "").replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return None
+
+
+def _parse_time(value) -> datetime.time | None:
+    """A TM value ("HH", "HHMM", "HHMMSS" with an optional fraction; the pre-3.0
+    "HH:MM:SS" form too), None when absent or unreadable. A leap second (60) becomes
+    59, which ``datetime.time`` can hold."""
+    if isinstance(value, datetime.time):
+        return value
+    raw = _text(value).replace(":", "")
+    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", raw)
+    if not match:
+        return None
+    hour, minute, second, fraction = match.groups()
+    try:
+        return datetime.time(int(hour), int(minute or 0), min(int(second or 0), 59),
+                             int((fraction or "0").ljust(6, "0")))
+    except ValueError:
+        return None
+
+
+# --- Archiving ---------------------------------------------------------------------
+
+
+def _archive(*, facility: Facility, received: _Received, header: _Header,
+            source: str) -> IngestOutcome:
+    """Store a checked file and index it, or recognise it as already archived."""
+    found = {"sha256": received.sha256, "sop_instance_uid": header.sop_instance_uid,
+             "study_instance_uid": header.study_instance_uid}
+    # A second try covers the race of two processes storing the same instance: the
+    # loser's insert fails on the unique constraint and it then finds the winner's row.
+    for _attempt in range(3):
+        existing = Instance.objects.filter(
+            facility=facility, sop_instance_uid=header.sop_instance_uid).first()
+        if existing is not None:
+            return _already_archived(existing, received=received, source=source, **found)
+
+        instance = Instance(
+            facility=facility, sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid, size=received.size,
+            sha256=received.sha256, source=source, **header.instance,
+        )
+        received.spool.seek(0)
+        instance.file.save("instance.dcm", File(received.spool), save=False)
+        try:
+            with transaction.atomic():
+                _index_instance(instance, facility=facility, header=header,
+                               size=received.size)
+        except IntegrityError:
+            instance.file.delete(save=False)
+            continue
+        except BaseException:
+            instance.file.delete(save=False)
+            raise
+        log.info("ingest stored: facility=%s instance=%s series=%s study=%s bytes=%s",
+                 facility.pk, instance.pk, instance.series_id, instance.series.study_id,
+                 received.size)
+        return IngestOutcome(status=IngestStatus.STORED, instance=instance, **found)
+    raise DicomGatewayError("the instance could not be archived: concurrent writes kept "
+                            "conflicting")
+
+
+def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
+                   size: int) -> None:
+    """Within the caller's transaction: find or create the patient, study and series,
+    save the instance and keep the counters right. The study row is locked first, so
+    ingests into one study take turns and counters and modalities stay exact."""
+    study = Study.objects.filter(
+        facility=facility, study_instance_uid=header.study_instance_uid).first()
+    if study is None:
+        # A later file of an existing study is filed under that study's patient even
+        # if it spells the patient differently: the Study Instance UID is unique.
+        patient, _created = Patient.objects.get_or_create(
+            facility=facility,
+            identity_key=patient_identity_key(
+                patient_id=header.patient["patient_id"],
+                issuer=header.patient["issuer_of_patient_id"],
+                name=header.patient["name"], birth_date=header.patient["birth_date"],
+            ),
+            defaults=header.patient,
+        )
+        study, _created = Study.objects.get_or_create(
+            facility=facility, study_instance_uid=header.study_instance_uid,
+            defaults={"patient": patient, **header.study},
+        )
+    study = Study.objects.select_for_update().get(pk=study.pk)
+    series, series_created = Series.objects.get_or_create(
+        study=study, series_instance_uid=header.series_instance_uid,
+        defaults=header.series,
+    )
+    instance.series = series
+    instance.save()
+
+    Series.objects.filter(pk=series.pk).update(
+        num_instances=F("num_instances") + 1, total_bytes=F("total_bytes") + size,
+    )
+    modalities = sorted(
+        set(Series.objects.filter(study=study).values_list("modality", flat=True)) - {""}
+    )
+    Study.objects.filter(pk=study.pk).update(
+        num_series=F("num_series") + (1 if series_created else 0),
+        num_instances=F("num_instances") + 1,
+        total_bytes=F("total_bytes") + size,
+        modalities=_fit(Study, "modalities", "\\".join(modalities)),
+        updated_at=timezone.now(),
+    )
+
+
+def _already_archived(existing: Instance, *, received: _Received, source: str,
+                     **found) -> IngestOutcome:
+    """The SOP instance is archived already: the same bytes are a no-op; different
+    bytes are kept aside once as an ``InstanceConflict``, never over the archived
+    copy."""
+    if existing.sha256 == received.sha256:
+        log.info("ingest duplicate: facility=%s instance=%s", existing.facility_id,
+                 existing.pk)
+        return IngestOutcome(status=IngestStatus.DUPLICATE, instance=existing, **found)
+
+    conflict = InstanceConflict.objects.filter(
+        existing=existing, sha256=received.sha256).first()
+    if conflict is None:
+        conflict = InstanceConflict(
+            facility_id=existing.facility_id, existing=existing,
+            sop_instance_uid=existing.sop_instance_uid, size=received.size,
+            sha256=received.sha256, source=source,
+        )
+        received.spool.seek(0)
+        conflict.file.save("conflict.dcm", File(received.spool), save=False)
+        try:
+            with transaction.atomic():
+                conflict.save()
+        except IntegrityError:
+            # Another process set the same bytes aside a moment ago.
+            conflict.file.delete(save=False)
+            conflict = InstanceConflict.objects.get(existing=existing, sha256=received.sha256)
+        except BaseException:
+            conflict.file.delete(save=False)
+            raise
+    log.info("ingest conflict: facility=%s instance=%s conflict=%s", existing.facility_id,
+             existing.pk, conflict.pk)
+    return IngestOutcome(status=IngestStatus.CONFLICT, reason=CONFLICT_REASON,
+                         instance=existing, **found)
