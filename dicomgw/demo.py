@@ -7,8 +7,6 @@ tissue-like units (Hounsfield units for CT, relative signal for MR, log attenuat
 CR), so window/level presets behave as they do on clinical images. The same seed gives
 the same bytes and the same UIDs, which is what makes a second load a no-op."""
 
-from __future__ import annotations
-
 import enum
 import math
 import tempfile
@@ -37,7 +35,7 @@ DEFAULT_CT_SLICES = 220
 # Apex of the lungs to the hips: a chest/abdomen/pelvis scan. Fewer slices cover the
 # same anatomy further apart, so a short test series still shows every region.
 CT_COVERAGE_MM = 550
-MANUFACTURER = "PocketHealth demo"
+MANUFACTURER = "Synthetic demo modality"
 SYNTHETIC_NOTE = "Synthetic demo image; not a real patient."
 
 
@@ -127,10 +125,10 @@ class Canvas:
                 outline: Callable[[np.ndarray], np.ndarray] | None = None,
                 y_max: float | None = None) -> None:
         """Paint a (super)ellipse. ``angle`` in degrees; ``inside`` limits the paint to
-        pixels that already carry one of those labels; ``outline`` maps the angle
-        around the centre to a radius factor (at most 1), for folded shapes such as the
-        cortex; ``y_max`` cuts it off below a
-        line, as the level of fluid under gas."""
+        pixels that already carry one of those labels; ``outline`` maps the angle around
+        the centre to a radius factor (at most 1), for folded shapes such as the cortex;
+        ``y_max`` keeps only the part above that height (y grows downwards), as gas
+        above a fluid level."""
         if ax <= 0.5 or ay <= 0.5:
             return
         reach_x, reach_y = (max(ax, ay),) * 2 if angle else (ax, ay)
@@ -246,6 +244,17 @@ class _Section:
     vy: float  # y of the vertebral body centre
 
 
+@dataclass(frozen=True)
+class _BowelLoop:
+    x: float  # centre, as a fraction of the abdomen's inner half-width
+    y: float  # and half-depth, from its centre
+    radius: float  # mm
+    start: float  # depth where it appears, as a fraction of the scan
+    length: float
+    phase: float  # of the meander that shifts it from slice to slice
+    gassy: bool
+
+
 class CtPhantom:
     """An axial chest/abdomen/pelvis phantom in Hounsfield units, 512x512 at 0.78 mm.
     ``slice_hu(depth_mm)`` draws the anatomy at a depth below the lung apex; organs start,
@@ -262,9 +271,10 @@ class CtPhantom:
         # Small-bowel loops: where they sit and over which depths, fixed for the scan so a
         # loop can be followed from slice to slice.
         self.loops = [
-            (layout.uniform(-0.55, 0.55), layout.uniform(-0.75, 0.15), layout.uniform(9, 15),
-             layout.uniform(0.50, 0.78), layout.uniform(0.05, 0.11), layout.uniform(0, 6.3),
-             layout.random() < 0.35)
+            _BowelLoop(x=layout.uniform(-0.55, 0.55), y=layout.uniform(-0.75, 0.15),
+                       radius=layout.uniform(9, 15), start=layout.uniform(0.50, 0.78),
+                       length=layout.uniform(0.05, 0.11), phase=layout.uniform(0, 6.3),
+                       gassy=layout.random() < 0.35)
             for _ in range(16)
         ]
         canvas = Canvas(self.size, self.size, self.spacing)
@@ -349,16 +359,16 @@ class CtPhantom:
                     radius = 0.5 + 3.0 * (1 - reach) ** 2
                     canvas.ellipse(CT.LUNG_VESSEL, px, py, radius, radius, inside=(CT.LUNG,))
         mediastinum_y = vy - vr
-        if t < 0.15:
+        if t < 0.15:  # trachea, in front of the oesophagus
             canvas.ellipse(CT.SOFT, 0, mediastinum_y - 22, 11, 10)
             canvas.ellipse(CT.AIR, 0, mediastinum_y - 22, 9, 8)
-        elif t < 0.21:
+        elif t < 0.21:  # below the carina: the main bronchi part to each lung
             spread = 12 + 160 * (t - 0.15)
             for side in (-1, 1):
                 canvas.ellipse(CT.SOFT, side * spread, mediastinum_y - 22, 8, 8)
                 canvas.ellipse(CT.AIR, side * spread, mediastinum_y - 22, 6, 6)
         if t < 0.40:
-            canvas.ellipse(CT.MUSCLE, 4, mediastinum_y - 7, 8, 6)
+            canvas.ellipse(CT.MUSCLE, 4, mediastinum_y - 7, 8, 6)  # oesophagus
         if 0.06 < t < 0.17:
             canvas.ellipse(CT.BLOOD, -24, cy - 28, 10, 10)  # superior vena cava
         if 0.075 < t < 0.10:
@@ -369,6 +379,8 @@ class CtPhantom:
         if 0.14 < t < 0.19:
             canvas.ellipse(CT.BLOOD, 8, cy - 34, 14, 14)  # pulmonary trunk
         if 0.17 < t < 0.40:
+            # The heart points forward and to the left, in its fat; two chambers of
+            # contrast-filled blood inside the muscle.
             size = profile(t, 0.17, 0.40, 0.7)
             hx, hy = 24, cy - 12
             canvas.ellipse(CT.FAT, hx, hy, 68 * size, 56 * size, angle=-30)
@@ -376,6 +388,8 @@ class CtPhantom:
             canvas.ellipse(CT.BLOOD, hx + 12, hy + 6, 24 * size, 18 * size, angle=-30)
             canvas.ellipse(CT.BLOOD, hx - 18, hy - 14, 22 * size, 14 * size, angle=-30)
         if 0.075 < t < 0.77:
+            # Descending aorta: beside the spine in the chest, in front of it lower down,
+            # narrowing until it divides.
             ax_x = float(np.interp(t, [0.08, 0.4, 0.77], [24, 10, 5]))
             ax_y = float(np.interp(t, [0.08, 0.4, 0.77], [vy - 4, vy - vr - 13, vy - vr - 13]))
             radius = float(np.interp(t, [0.08, 0.5, 0.77], [13, 11, 9]))
@@ -384,7 +398,9 @@ class CtPhantom:
     def _abdomen(self, canvas: Canvas, t: float, body: _Section) -> None:
         cy, ix, iy, vy, vr = body.cy, body.ix, body.iy, body.vy, body.vr
         if 0.33 < t < 0.58:
-            size = float(np.interp(t, [0.33, 0.37, 0.45, 0.52, 0.58], [0.3, 0.8, 1, 0.7, 0.2]))
+            # Liver: its dome comes up into the right lung base; the left lobe crosses
+            # the midline near the top; portal and hepatic veins enhance.
+            size = float(np.interp(t, [0.33, 0.37, 0.45, 0.52, 0.58], [0.1, 0.8, 1, 0.7, 0.1]))
             lx, ly = -ix * 0.42, cy - 4
             canvas.ellipse(CT.LIVER, lx, ly, ix * 0.52 * size, iy * 0.78 * size, power=2.3,
                            inside=(CT.FAT, CT.LUNG, CT.LUNG_VESSEL))
@@ -394,22 +410,25 @@ class CtPhantom:
             for dx, dy, r in ((0.15, 0.1, 6), (-0.2, -0.25, 4), (0.1, -0.4, 3.5),
                               (-0.35, 0.3, 3.5), (0.3, 0.35, 4)):
                 canvas.ellipse(CT.PORTAL, lx + dx * ix, ly + dy * iy, r, r, inside=(CT.LIVER,))
-        if 0.47 < t < 0.53:
-            canvas.ellipse(CT.FLUID, -ix * 0.28, cy - iy * 0.42, 14, 18, angle=20)
-        if 0.38 < t < 0.77:
+        if 0.46 < t < 0.54:  # gallbladder
+            size = profile(t, 0.46, 0.54, 0.5)
+            canvas.ellipse(CT.FLUID, -ix * 0.28, cy - iy * 0.42, 14 * size, 18 * size, angle=20)
+        if 0.38 < t < 0.77:  # inferior vena cava, right of the aorta
             canvas.ellipse(CT.IVC, -22, vy - vr - 9, 13, 10, inside=(CT.FAT, CT.LIVER))
         if 0.36 < t < 0.50:
             size = profile(t, 0.36, 0.50)
             canvas.ellipse(CT.SPLEEN, ix * 0.62, cy + iy * 0.35, 22 * size, 52 * size,
                            angle=35, inside=(CT.FAT, CT.LUNG, CT.LUNG_VESSEL, CT.MUSCLE))
+            # Stomach: wall, fluid and, the patient lying supine, gas risen to the front.
             sx, sy = ix * 0.30, cy - iy * 0.32
             canvas.ellipse(CT.MUSCLE, sx, sy, 52 * size, 37 * size, angle=-20, inside=(CT.FAT,))
             canvas.ellipse(CT.FLUID, sx, sy, 48 * size, 33 * size, angle=-20, inside=(CT.MUSCLE,))
-            # The patient lies supine, so gas in the stomach rises to the front.
             canvas.ellipse(CT.GAS, sx, sy, 48 * size, 33 * size, angle=-20,
                            inside=(CT.FLUID,), y_max=sy - 8 * size)
-        if 0.46 < t < 0.53:
-            canvas.ellipse(CT.PANCREAS, 18, vy - vr - 32, 62, 11, angle=-15, inside=(CT.FAT,))
+        if 0.45 < t < 0.54:
+            size = profile(t, 0.45, 0.54, 0.4)
+            canvas.ellipse(CT.PANCREAS, 18, vy - vr - 32, 62 * size, 11 * size, angle=-15,
+                           inside=(CT.FAT,))
         for side, start in ((-1, 0.48), (1, 0.46)):
             size = profile(t, start, start + 0.16, 0.5)
             if size:
@@ -426,25 +445,25 @@ class CtPhantom:
             for side in (-1, 1):
                 canvas.ellipse(CT.MUSCLE, side * (vr + 12 + 30 * grow), vy - 4 + 25 * grow,
                                10 + 16 * grow, 13 + 8 * grow, inside=(CT.FAT,))
-        for bx, by, radius, start, length, phase, gassy in self.loops:
-            size = profile(t, start, start + length, 0.4)
+        for loop in self.loops:
+            size = profile(t, loop.start, loop.start + loop.length, 0.4)
             if size:
                 depth = t * CT_COVERAGE_MM
-                x = bx * ix + 12 * math.sin(depth / 37 + phase)
-                y = cy + by * iy + 10 * math.cos(depth / 29 + phase)
-                canvas.ellipse(CT.MUSCLE, x, y, (radius + 2) * size, (radius + 2) * size,
-                               inside=(CT.FAT,))
-                canvas.ellipse(CT.BOWEL, x, y, radius * size, radius * size, inside=(CT.MUSCLE,))
-                if gassy:
-                    canvas.ellipse(CT.GAS, x, y, radius * size, radius * size,
-                                   inside=(CT.BOWEL,), y_max=y - radius * size * 0.2)
-        colon = []
+                x = loop.x * ix + 12 * math.sin(depth / 37 + loop.phase)
+                y = cy + loop.y * iy + 10 * math.cos(depth / 29 + loop.phase)
+                radius = loop.radius * size
+                canvas.ellipse(CT.MUSCLE, x, y, radius + 2, radius + 2, inside=(CT.FAT,))
+                canvas.ellipse(CT.BOWEL, x, y, radius, radius, inside=(CT.MUSCLE,))
+                if loop.gassy:
+                    canvas.ellipse(CT.GAS, x, y, radius, radius, inside=(CT.BOWEL,),
+                                   y_max=y - radius * 0.2)
+        colon = []  # ascending, descending and transverse colon: stool with some gas
         if 0.55 < t < 0.80:
             colon.append((-ix * 0.66, cy + 2, 20, 20))
         if 0.47 < t < 0.80:
             colon.append((ix * 0.68, cy + 8, 15, 15))
-        if 0.52 < t < 0.57:
-            colon.append((0, cy - iy * 0.6, ix * 0.55, 16))
+        if 0.51 < t < 0.58:
+            colon.append((0, cy - iy * 0.6, ix * 0.55, 17 * profile(t, 0.51, 0.58, 0.5)))
         for x, y, rx, ry in colon:
             canvas.ellipse(CT.MUSCLE, x, y, rx + 2, ry + 2, inside=(CT.FAT, CT.MUSCLE))
             canvas.ellipse(CT.STOOL, x, y, rx, ry, inside=(CT.MUSCLE,))
@@ -452,33 +471,33 @@ class CtPhantom:
 
     def _pelvis(self, canvas: Canvas, t: float, body: _Section) -> None:
         cy, ix, iy, vy = body.cy, body.ix, body.iy, body.vy
-        if 0.72 < t:
+        if 0.72 < t:  # gluteal muscles
             for side in (-1, 1):
                 canvas.ellipse(CT.MUSCLE, side * ix * 0.62, body.back - body.fat - 40,
                                58, 36, angle=side * 20, inside=(CT.FAT,))
-        if 0.70 < t < 0.90:
+        if 0.70 < t < 0.90:  # iliac wings, thin plates of bone sloping inwards
             size = profile(t, 0.70, 0.90, 0.5)
             for side in (-1, 1):
                 wx = side * (ix * 0.62 - 70 * (t - 0.70))
                 wy = vy + 6 + 40 * (t - 0.70)
                 canvas.ellipse(CT.CORTICAL, wx, wy, 58 * size, 8, angle=side * 58)
                 canvas.ellipse(CT.CANCELLOUS, wx, wy, 54 * size, 4.5, angle=side * 58)
-        if 0.77 < t < 0.95:
+        if 0.77 < t < 0.95:  # iliac arteries, parting below the aortic bifurcation
             spread = 10 + 180 * (t - 0.77)
             for side in (-1, 1):
                 canvas.ellipse(CT.BLOOD, side * min(spread, 55), vy - 30 - 60 * (t - 0.77), 7, 7,
                                inside=(CT.FAT, CT.MUSCLE))
-        if 0.80 < t < 0.98:
+        if 0.80 < t < 0.98:  # rectum, in front of the sacrum
             canvas.ellipse(CT.MUSCLE, 0, vy + 4, 19, 17, inside=(CT.FAT,))
             canvas.ellipse(CT.STOOL, 0, vy + 4, 16, 14, inside=(CT.MUSCLE,))
         if self.female and 0.84 < t < 0.93:
             size = profile(t, 0.84, 0.93)
             canvas.ellipse(CT.UTERUS, 0, cy - 2, 32 * size, 22 * size, inside=(CT.FAT,))
-        if 0.86 < t:
+        if 0.86 < t:  # bladder
             size = profile(t, 0.86, 1.08)
             canvas.ellipse(CT.MUSCLE, 0, cy - iy * 0.45, 46 * size, 34 * size)
             canvas.ellipse(CT.FLUID, 0, cy - iy * 0.45, 43 * size, 31 * size)
-        if 0.91 < t:
+        if 0.91 < t:  # hips: acetabulum, joint cartilage, femoral head
             for side in (-1, 1):
                 hx, hy = side * (ix * 0.62), cy + 6
                 canvas.ellipse(CT.CORTICAL, hx, hy, 31, 31)
@@ -503,20 +522,20 @@ class CtPhantom:
                                                       math.cos(angle) * body.ax)) * side
                     canvas.ellipse(CT.CORTICAL, rx, ry, 9, 4.5, angle=tangent)
                     canvas.ellipse(CT.CANCELLOUS, rx, ry, 6.5, 2.2, angle=tangent)
-        if 0.03 < t < 0.33:
+        if 0.03 < t < 0.33:  # sternum
             sy = body.front + body.fat + 8
             canvas.ellipse(CT.CORTICAL, 0, sy, 15, 6.5)
             canvas.ellipse(CT.CANCELLOUS, 0, sy, 12, 4)
-        if t < 0.04:
+        if t < 0.04:  # clavicles
             for side in (-1, 1):
                 canvas.ellipse(CT.CORTICAL, side * 55, body.front + body.fat + 12, 42, 7,
                                angle=side * 12)
-        if 0.02 < t < 0.2:
+        if 0.02 < t < 0.2:  # scapulae, behind the ribs
             size = profile(t, 0.0, 0.22)
             for side in (-1, 1):
                 canvas.ellipse(CT.CORTICAL, side * ix * 0.72, body.back - wall - 16,
                                48 * size, 4.5, angle=-side * 28)
-        if t > 0.98:
+        if t > 0.98:  # below the coccyx
             return
         sacrum_top = float(self.levels[-1])
         if depth_mm >= sacrum_top:
@@ -527,9 +546,10 @@ class CtPhantom:
             canvas.ellipse(CT.CANCELLOUS, 0, sy, width - 4, 16, power=2.4)
             canvas.ellipse(CT.CSF, 0, sy + 6, 8, 5)
             return
-        level = int(np.searchsorted(self.levels, depth_mm, side="right"))
-        in_disc = level > 0 and (self.levels[min(level, len(self.levels) - 1)] - depth_mm
-                                 < (5 if t < 0.5 else 9))
+        # A vertebra: the arch round the spinal canal, the spinous process behind it,
+        # transverse processes in the lumbar spine; the body is disc between levels.
+        next_top = self.levels[int(np.searchsorted(self.levels, depth_mm, side="right"))]
+        in_disc = next_top - depth_mm < (5 if t < 0.5 else 9)
         canal_y = vy + vr + 9
         canvas.ellipse(CT.CORTICAL, 0, canal_y, 17, 15)
         canvas.ellipse(CT.CORTICAL, 0, canal_y + 22, 5, 17)
@@ -579,6 +599,18 @@ MR_LUTS = {name: np.array([table[label] for label in MR], np.float32)
            for name, table in MR_SIGNAL.items()}
 
 
+def _folds(t: float, depth: float, lobes: int, sharpness: int
+           ) -> Callable[[np.ndarray], np.ndarray]:
+    """An outline for ``Canvas.ellipse``: narrow, unevenly spaced clefts cut into a
+    smooth surface. The grey surface and the grey/white boundary are cut at the same
+    angles, so the cortex lines each sulcus; the pattern drifts with height ``t``, as it
+    does from slice to slice."""
+    def outline(theta: np.ndarray) -> np.ndarray:
+        wave = np.cos(lobes * theta + 0.9 * np.sin(3 * theta + 4 * t) + 6 * t)
+        return 1 - depth * np.clip(wave, 0, None) ** sharpness
+    return outline
+
+
 class MrBrainPhantom:
     """An axial head phantom, 256x256 at 0.94 mm. ``labels(t)`` draws the tissues at
     height ``t`` (0 = orbits and skull base, 1 = vertex); ``image`` turns them into a
@@ -587,8 +619,7 @@ class MrBrainPhantom:
     size = 256
     spacing = 240 / 256
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self):
         canvas = Canvas(self.size, self.size, self.spacing)
         x, y = canvas.xs[None, :], canvas.ys[:, None]
         # Receive coils are more sensitive near the back of the head, where it rests.
@@ -596,30 +627,27 @@ class MrBrainPhantom:
 
     def labels(self, t: float) -> np.ndarray:
         canvas = Canvas(self.size, self.size, self.spacing)
+        # The head narrows towards the vertex and, less, towards the skull base.
         scale = math.sqrt(max(0.0, 1 - ((t - 0.35) / 0.74) ** 2))
         ax, ay, cy = 74 * scale, 94 * scale, 4.0
         front = cy - ay
         canvas.ellipse(MR.SCALP, 0, cy, ax, ay)
-        if t < 0.55:
+        if t < 0.55:  # temporalis muscles
             for side in (-1, 1):
                 canvas.ellipse(MR.MUSCLE, side * (ax - 8), cy - 10, 9, 34, inside=(MR.SCALP,))
+        # Skull: outer table, marrow-filled diploë, inner table.
         canvas.ellipse(MR.CORTICAL, 0, cy, ax - 5, ay - 5)
         canvas.ellipse(MR.MARROW, 0, cy, ax - 7, ay - 7)
         canvas.ellipse(MR.CORTICAL, 0, cy, ax - 10, ay - 10)
         inner_x, inner_y = ax - 12, ay - 12
         canvas.ellipse(MR.CSF, 0, cy, inner_x, inner_y)
-        def gyri(depth: float, lobes: int, sharpness: int):
-            # Narrow clefts cut into a smooth surface, unevenly spaced; the grey surface
-            # and the grey/white boundary are cut at the same angles so the cortex lines
-            # each sulcus. The pattern drifts with height, as it does slice to slice.
-            def outline(theta):
-                wave = np.cos(lobes * theta + 0.9 * np.sin(3 * theta + 4 * t) + 6 * t)
-                return 1 - depth * np.clip(wave, 0, None) ** sharpness
-            return outline
 
-        brain = min(1.0, max(0.0, (t - 0.18) / 0.17))
+        def gyri(depth: float, lobes: int, sharpness: int):
+            return _folds(t, depth, lobes, sharpness)
+
         if t < 0.35:
-            # Skull base: bone between the middle and posterior fossae.
+            # Skull base: bone round the middle cranial fossae, which hold the temporal
+            # lobes, and the posterior fossa (below).
             canvas.ellipse(MR.CORTICAL, 0, cy, inner_x, inner_y)
             for side in (-1, 1):
                 size = profile(t, 0.0, 0.45, 0.5)
@@ -628,6 +656,9 @@ class MrBrainPhantom:
                                outline=gyri(0.12, 9, 10))
                 canvas.ellipse(MR.WHITE, side * 40, cy - 8, 19 * size, 27 * size,
                                outline=gyri(0.22, 9, 4))
+        # The cerebrum fills the skull from just above the skull base, split by the
+        # interhemispheric fissure in front and behind.
+        brain = min(1.0, max(0.0, (t - 0.18) / 0.17))
         if brain:
             bx, by = inner_x * (0.6 + 0.4 * brain), inner_y * (0.6 + 0.4 * brain)
             by_cy = cy - 4 * (1 - brain)
@@ -637,6 +668,8 @@ class MrBrainPhantom:
             for end in (-1, 1):
                 canvas.ellipse(MR.CSF, 0, by_cy + end * by * 0.62, 1.6, by * 0.4)
         if t < 0.42:
+            # Cerebellum: finely folded cortex round a branching white core; the
+            # brainstem and fourth ventricle in front of it.
             size = profile(t, -0.05, 0.42, 0.5)
             py = cy + inner_y * 0.55
             canvas.ellipse(MR.CSF, 0, py, 56 * size, 34 * size)
@@ -646,6 +679,7 @@ class MrBrainPhantom:
             canvas.ellipse(MR.WHITE, 0, cy + 12, 14, 13)  # brainstem
             canvas.ellipse(MR.CSF, 0, cy + 29, 6 * size, 4 * size)  # fourth ventricle
         if t < 0.30:
+            # Nasal cavity between the orbits; each eye with its lens, in orbital fat.
             size = profile(t, 0.0, 0.30, 0.5)
             canvas.ellipse(MR.CORTICAL, 0, front + 30, 14, 26)
             canvas.ellipse(MR.AIR, 0, front + 30, 10 * size, 22 * size)
@@ -656,15 +690,15 @@ class MrBrainPhantom:
                 canvas.ellipse(MR.VITREOUS, ox, oy - 1, 11.5 * size, 11.5 * size)
                 canvas.ellipse(MR.LENS, ox, oy - 10 * size, 4 * size, 1.8 * size,
                                inside=(MR.VITREOUS,))
-        if 0.36 < t < 0.54:
+        if 0.36 < t < 0.54:  # thalamus, lentiform nucleus, head of the caudate
             for side in (-1, 1):
                 canvas.ellipse(MR.DEEP_GREY, side * 11, cy + 6, 9, 13, inside=(MR.WHITE,))
                 canvas.ellipse(MR.DEEP_GREY, side * 25, cy - 10, 7, 17, angle=side * 15,
                                inside=(MR.WHITE,))
                 canvas.ellipse(MR.DEEP_GREY, side * 13, cy - 24, 6, 7, inside=(MR.WHITE,))
         if 0.36 < t < 0.46:
-            canvas.ellipse(MR.CSF, 0, cy + 4, 2.5, 11)
-        if 0.42 < t < 0.74:
+            canvas.ellipse(MR.CSF, 0, cy + 4, 2.5, 11)  # third ventricle
+        if 0.42 < t < 0.74:  # lateral ventricles: bodies, frontal horns, atria
             size = profile(t, 0.42, 0.74, 0.5)
             for side in (-1, 1):
                 canvas.ellipse(MR.CSF, side * 8, cy - 6, 5 * size, 27 * size, angle=side * 8)
@@ -870,7 +904,7 @@ def _age(birth: date, on: date) -> str:
 
 
 def _ds(value: float) -> str:
-    """A Decimal String short enough for DICOM's 16 characters."""
+    """A Decimal String within DICOM's 16 characters for the values written here."""
     return f"{value:.10g}"
 
 
@@ -936,10 +970,10 @@ def iter_ct_study(out_dir: Path, study: DemoStudy, *, seed: int, anchor: date,
                   slices: int = DEFAULT_CT_SLICES) -> Iterator[Path]:
     """Write the axial CT series, head to feet, one file per slice."""
     phantom = CtPhantom(seed, female=study.patient.sex == "F")
-    series = SeriesSpec(2, "AX 2.5 PORTAL VENOUS" if slices == DEFAULT_CT_SLICES
-                        else "AX PORTAL VENOUS", 4)
     # Positions in hundredths of a millimetre keep every DS exact and the spacing even.
     step = round(CT_COVERAGE_MM * 100 / slices)
+    # Series 1 of a real scan is the scout (topogram), which the demo leaves out.
+    series = SeriesSpec(2, f"AX {step / 100:g} mm PORTAL VENOUS", 4)
     top = -6000
     frame_of_reference = demo_uid(seed, study.key, "frame")
     origin = -(CtPhantom.size - 1) / 2 * CtPhantom.spacing
@@ -981,12 +1015,26 @@ def iter_ct_study(out_dir: Path, study: DemoStudy, *, seed: int, anchor: date,
         yield _write(ds, out_dir / study.key / f"{series.number:02d}" / f"{index + 1:04d}.dcm")
 
 
-# Per pulse sequence: (scanning sequence, variant, TR ms, TE ms, TI ms or None, flip
-# angle, echo train length, window centre, window width).
+@dataclass(frozen=True)
+class MrSequence:
+    """The MR Image module values of one pulse sequence (PS3.3 C.8.3.1), and the
+    window that suits its images."""
+
+    scanning_sequence: list[str]
+    sequence_variant: list[str]
+    repetition_ms: float
+    echo_ms: float
+    inversion_ms: float | None
+    flip_angle: float
+    echo_train_length: int
+    window_centre: int
+    window_width: int
+
+
 MR_SEQUENCES = {
-    "T1": (["SE"], ["SK"], 550, 12, None, 90, 1, 620, 1200),
-    "T2": (["SE"], ["SK"], 4200, 98, None, 150, 15, 700, 1500),
-    "FLAIR": (["SE", "IR"], ["SK", "MP"], 9000, 120, 2500, 150, 21, 560, 1150),
+    "T1": MrSequence(["SE"], ["SK"], 550, 12, None, 90, 1, 620, 1200),
+    "T2": MrSequence(["SE"], ["SK"], 4200, 98, None, 150, 15, 700, 1500),
+    "FLAIR": MrSequence(["SE", "IR"], ["SK", "MP"], 9000, 120, 2500, 150, 21, 560, 1150),
 }
 
 
@@ -994,7 +1042,7 @@ def iter_mr_study(out_dir: Path, study: DemoStudy, sequences: list[tuple[str, Se
                   *, seed: int, anchor: date, slices: int, field_tesla: float
                   ) -> Iterator[Path]:
     """Write axial brain series through the same slab, one per weighting."""
-    phantom = MrBrainPhantom(seed)
+    phantom = MrBrainPhantom()
     thickness, gap = 5.0, 1.0
     frame_of_reference = demo_uid(seed, study.key, "frame")
     origin = -(MrBrainPhantom.size - 1) / 2 * MrBrainPhantom.spacing
@@ -1002,7 +1050,7 @@ def iter_mr_study(out_dir: Path, study: DemoStudy, sequences: list[tuple[str, Se
     label_maps = [phantom.labels(0.08 + 0.86 * i / (slices - 1)) for i in range(slices)]
     for weighting, series in sequences:
         rng = np.random.default_rng([seed, 0x3E, series.number])
-        scanning, variant, tr, te, ti, flip, etl, centre, width = MR_SEQUENCES[weighting]
+        sequence = MR_SEQUENCES[weighting]
         for index, labels in enumerate(label_maps):
             z = -45 + index * (thickness + gap)
             ds = base_dataset(study, series, index + 1, seed=seed, anchor=anchor,
@@ -1011,16 +1059,16 @@ def iter_mr_study(out_dir: Path, study: DemoStudy, sequences: list[tuple[str, Se
             ds.BodyPartExamined = "HEAD"
             ds.ProtocolName = f"BRAIN {series.description}"
             ds.PatientPosition = "HFS"
-            ds.ScanningSequence = scanning
-            ds.SequenceVariant = variant
+            ds.ScanningSequence = sequence.scanning_sequence
+            ds.SequenceVariant = sequence.sequence_variant
             ds.ScanOptions = ""
             ds.MRAcquisitionType = "2D"
-            ds.RepetitionTime = _ds(tr)
-            ds.EchoTime = _ds(te)
-            if ti:
-                ds.InversionTime = _ds(ti)
-            ds.EchoTrainLength = etl
-            ds.FlipAngle = _ds(flip)
+            ds.RepetitionTime = _ds(sequence.repetition_ms)
+            ds.EchoTime = _ds(sequence.echo_ms)
+            if sequence.inversion_ms:
+                ds.InversionTime = _ds(sequence.inversion_ms)
+            ds.EchoTrainLength = sequence.echo_train_length
+            ds.FlipAngle = _ds(sequence.flip_angle)
             ds.NumberOfAverages = "1"
             ds.EchoNumbers = 1
             ds.ImagedNucleus = "1H"
@@ -1036,8 +1084,8 @@ def iter_mr_study(out_dir: Path, study: DemoStudy, sequences: list[tuple[str, Se
             ds.SliceLocation = _ds(z)
             ds.set_pixel_data(phantom.image(labels, weighting, rng), "MONOCHROME2", 12,
                               generate_instance_uid=False)
-            ds.WindowCenter = str(centre)
-            ds.WindowWidth = str(width)
+            ds.WindowCenter = str(sequence.window_centre)
+            ds.WindowWidth = str(sequence.window_width)
             yield _write(ds, out_dir / study.key / f"{series.number:02d}" / f"{index + 1:04d}.dcm")
 
 
@@ -1138,6 +1186,8 @@ def demo_anchor_date(*, facility, seed: int, today: date) -> date:
 def demo_studies_load(*, facility, seed: int = DEFAULT_SEED,
                       ct_slices: int = DEFAULT_CT_SLICES, today: date) -> LoadReport:
     """Generate the demo studies and ingest each file as it is written."""
+    # The archive is imported here, not at the top, so the generator above can be used
+    # (by a benchmark, say) without a configured Django project.
     from dicomgw.models import IngestSource
     from dicomgw.services import ingest_file
 
@@ -1171,7 +1221,7 @@ def testdata_load(*, facility, directory: Path) -> dict[str, LoadReport]:
     reports: dict[str, LoadReport] = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory)
-        folder = relative.parts[0] if len(relative.parts) > 1 else "."
+        folder = relative.parts[0] if len(relative.parts) > 1 else "(top level)"
         report = reports.setdefault(folder, LoadReport())
         started = time.monotonic()
         if not is_dicom(path):

@@ -7,15 +7,35 @@ decides where it is stored."""
 import uuid
 
 from django.core.files.storage import storages
+from django.core.signals import setting_changed
 from django.db import models
+from django.dispatch import receiver
 from django.utils import timezone
+from django.utils.functional import LazyObject, empty
 from django.utils.translation import gettext_lazy as _
 
 from pockethealth.models import Facility
 
 
+class _ArchiveStorage(LazyObject):
+    """The ``archive`` storage of STORAGES, looked up when first used (and again after
+    the setting changes), not when the model classes are built."""
+
+    def _setup(self):
+        self._wrapped = storages["archive"]
+
+
+_archive = _ArchiveStorage()
+
+
+@receiver(setting_changed)
+def _forget_archive_storage(*, setting, **kwargs):
+    if setting == "STORAGES":
+        _archive._wrapped = empty
+
+
 def archive_storage():
-    return storages["archive"]
+    return _archive
 
 
 def archive_file_name(instance, filename):
@@ -83,7 +103,7 @@ def format_person_name(group: str) -> str:
     given = " ".join(p for p in parts[1:3] if p)
     prefix = parts[3] if len(parts) > 3 else ""
     suffix = parts[4] if len(parts) > 4 else ""
-    text = family.upper() if family.isascii() else family
+    text = family.upper()
     if given:
         text = f"{text}, {given}" if text else given
     if prefix:

@@ -96,8 +96,8 @@ class IngestOutcome:
 
 
 CONFLICT_REASON = (
-    "An image with the same identifier (SOP Instance UID) is already archived with "
-    "different content. The archived copy was kept; the new copy was set aside for review."
+    "an image with the same identifier (SOP Instance UID) is already archived with "
+    "different content; the archived copy was kept and this one set aside for review"
 )
 
 PREAMBLE_LENGTH = 128  # PS3.10 7.1
@@ -214,7 +214,7 @@ def ingest_file(*, facility: Facility, path: str | os.PathLike | None = None,
                     sha256=received.sha256 if received else "",
                 )
             return _archive(facility=facility, received=received, header=header,
-                           source=source)
+                            source=source)
     finally:
         spool_path.unlink(missing_ok=True)
 
@@ -256,7 +256,7 @@ def _receive(spool: BinaryIO, spool_path: Path, *, path, fileobj) -> _Received:
             size += len(chunk)
             if size > limit:
                 raise _Rejected(f"the file is larger than the {filesizeformat(limit)} "
-                               "allowed for one file")
+                                "allowed for one file")
             digest.update(chunk)
             spool.write(chunk)
     finally:
@@ -266,7 +266,7 @@ def _receive(spool: BinaryIO, spool_path: Path, *, path, fileobj) -> _Received:
     if size == 0:
         raise _Rejected("the file is empty")
     return _Received(spool=spool, path=spool_path, size=size, sha256=digest.hexdigest(),
-                    head=head)
+                     head=head)
 
 
 # --- Checking ----------------------------------------------------------------------
@@ -274,7 +274,7 @@ def _receive(spool: BinaryIO, spool_path: Path, *, path, fileobj) -> _Received:
 
 def _check_and_read(received: _Received) -> _Header:
     """Check the spooled file strictly and return what the index keeps of it; raise
-    ``Rejected`` if it is not an archivable DICOM file."""
+    ``_Rejected`` if it is not an archivable DICOM file."""
     if received.size < PREAMBLE_LENGTH + 4 or received.head[128:132] != b"DICM":
         raise _Rejected(f"not a DICOM Part 10 file: {_describe_non_dicom(received.head)}")
     try:
@@ -372,7 +372,7 @@ def _check_inflated_size(fp: BinaryIO) -> None:
             inflated += len(data)
             if inflated > limit:
                 raise _Rejected(f"its compressed data would inflate beyond the "
-                               f"{filesizeformat(limit)} allowed for one file")
+                                f"{filesizeformat(limit)} allowed for one file")
             if not inflater.unconsumed_tail:
                 break
             data = inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
@@ -407,17 +407,17 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
         if raw.length == UNDEFINED_LENGTH:
             if not transfer_syntax.is_encapsulated:
                 raise _Rejected("its image data is encapsulated, but its transfer syntax "
-                               "says it is uncompressed")
+                                "says it is uncompressed")
             _check_fragments(raw, fp)
             continue
         if transfer_syntax.is_encapsulated:
             raise _Rejected("its image data is not encapsulated, but its transfer syntax "
-                           "says it is compressed (PS3.5 A.4)")
+                            "says it is compressed (PS3.5 A.4)")
         if raw.value is not None and len(raw.value) < raw.length:
             raise _Rejected(TRUNCATED)
         if raw.length < _expected_native_length(ds):
             raise _Rejected("its image data is shorter than the image size it declares "
-                           "(the file was probably cut short)")
+                            "(the file was probably cut short)")
 
 
 def _check_fragments(raw: RawDataElement, fp: BinaryIO) -> None:
@@ -436,6 +436,8 @@ def _check_fragments(raw: RawDataElement, fp: BinaryIO) -> None:
         raise _Rejected("its compressed image data is damaged") from None
     if count == 0:
         raise _Rejected("its compressed image data holds no image")
+    # parse_fragments stops quietly at the end of the data; the last fragment must end
+    # where the delimiter begins.
     buffer.seek(offsets[-1] + 4)
     (last_length,) = struct.unpack("<L", buffer.read(4))
     buffer.seek(last_length, os.SEEK_CUR)
@@ -450,7 +452,7 @@ def _expected_native_length(ds: Dataset) -> int:
     bits_allocated = _positive_int(ds.get("BitsAllocated"))
     if not (rows and columns and bits_allocated):
         raise _Rejected("it has image data but no valid Rows, Columns and Bits Allocated "
-                       "to describe it")
+                        "to describe it")
     samples = _positive_int(ds.get("SamplesPerPixel")) or 1
     # An unreadable Number of Frames still means at least one frame.
     frames = _positive_int(ds.get("NumberOfFrames")) or 1
@@ -506,13 +508,13 @@ def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
             raise _Rejected(f"it has no {label}, which every DICOM object must have")
         if not _is_valid_uid(uid):
             raise _Rejected(f"its {label} is malformed (PS3.5 9.1: at most 64 digits "
-                           "and dots)")
+                            "and dots)")
         uids[keyword] = uid
     name = _person_name(ds.get("PatientName"))
     patient = {
         "patient_id": _fit(Patient, "patient_id", _text(ds.get("PatientID"))),
         "issuer_of_patient_id": _fit(Patient, "issuer_of_patient_id",
-                                    _text(ds.get("IssuerOfPatientID"))),
+                                     _text(ds.get("IssuerOfPatientID"))),
         "name": _fit(Patient, "name", name),
         "birth_date": _parse_date(ds.get("PatientBirthDate")),
         "sex": _fit(Patient, "sex", _text(ds.get("PatientSex"))),
@@ -524,7 +526,7 @@ def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
         "description": _fit(Study, "description", _text(ds.get("StudyDescription"))),
         "accession_number": _fit(Study, "accession_number", _text(ds.get("AccessionNumber"))),
         "referring_physician": _fit(Study, "referring_physician",
-                                   _person_name(ds.get("ReferringPhysicianName"))),
+                                    _person_name(ds.get("ReferringPhysicianName"))),
         "study_id": _fit(Study, "study_id", _text(ds.get("StudyID"))),
     }
     series = {
@@ -648,7 +650,7 @@ def _parse_time(value) -> datetime.time | None:
 
 
 def _archive(*, facility: Facility, received: _Received, header: _Header,
-            source: str) -> IngestOutcome:
+             source: str) -> IngestOutcome:
     """Store a checked file and index it, or recognise it as already archived."""
     found = {"sha256": received.sha256, "sop_instance_uid": header.sop_instance_uid,
              "study_instance_uid": header.study_instance_uid}
@@ -671,14 +673,14 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
         try:
             with transaction.atomic():
                 _index_instance(instance, facility=facility, header=header,
-                               size=received.size)
+                                size=received.size)
         except IntegrityError:
             instance.file.delete(save=False)
             continue
         except BaseException:
             instance.file.delete(save=False)
             raise
-        log.info("ingest stored: facility=%s instance=%s series=%s study=%s bytes=%s",
+        log.debug("ingest stored: facility=%s instance=%s series=%s study=%s bytes=%s",
                  facility.pk, instance.pk, instance.series_id, instance.series.study_id,
                  received.size)
         return IngestOutcome(status=IngestStatus.STORED, instance=instance, **found)
@@ -687,7 +689,7 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
 
 
 def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
-                   size: int) -> None:
+                    size: int) -> None:
     """Within the caller's transaction: find or create the patient, study and series,
     save the instance and keep the counters right. The study row is locked first, so
     ingests into one study take turns and counters and modalities stay exact."""
@@ -733,12 +735,12 @@ def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
 
 
 def _already_archived(existing: Instance, *, received: _Received, source: str,
-                     **found) -> IngestOutcome:
+                      **found) -> IngestOutcome:
     """The SOP instance is archived already: the same bytes are a no-op; different
     bytes are kept aside once as an ``InstanceConflict``, never over the archived
     copy."""
     if existing.sha256 == received.sha256:
-        log.info("ingest duplicate: facility=%s instance=%s", existing.facility_id,
+        log.debug("ingest duplicate: facility=%s instance=%s", existing.facility_id,
                  existing.pk)
         return IngestOutcome(status=IngestStatus.DUPLICATE, instance=existing, **found)
 

@@ -19,11 +19,11 @@ def test_clerk_signs_in_with_otp_and_sees_the_demo_patients(page, transactional_
     assert "/account/login/" in page.url
     page.get_by_label("User name").fill("clerk")
     page.get_by_label("Password").fill("demo-clerk-password")
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Continue").click()
     page.wait_for_url("**/account/verify/**")
     device = TOTPDevice.objects.get(user=clerk, confirmed=True)
     page.get_by_label("Code").fill(totp_now(device))
-    page.get_by_role("button", name="Verify").click()
+    page.get_by_role("button", name="Verify and sign in").click()
     page.wait_for_url("**/clerk/archive/")
 
     table = page.get_by_role("table")

@@ -5,6 +5,7 @@ pydicom-data through it."""
 import hashlib
 import io
 import logging
+import random
 import tracemalloc
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from pathlib import Path
 import data_store
 import pydicom
 import pytest
+from django.conf import settings
 from django.db import connection
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -109,14 +111,6 @@ DATA_STORE_REJECTED = {
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _archive_fields_use_the_test_storage(_isolated_storage, monkeypatch):
-    """A FileField calls its storage callable once, when the model class is built, so
-    the per-test STORAGES of conftest do not reach it; point the fields at it."""
-    for model in (Instance, InstanceConflict):
-        monkeypatch.setattr(model._meta.get_field("file"), "storage", archive_storage())
 
 
 def as_stored(data: bytes) -> bytes:
@@ -575,6 +569,7 @@ def test_study_modalities_are_the_sorted_set_of_its_series_modalities(facility, 
 
     study = Study.objects.get()
     assert study.modalities == "CT\\MR\\SR"
+    assert study.updated_at > study.created_at
     assert study.modality_list == ["CT", "MR", "SR"]
     assert (study.num_series, study.num_instances) == (4, 4)
 
@@ -1017,3 +1012,35 @@ def test_a_large_file_is_copied_and_checked_in_bounded_memory(facility, tmp_path
             digest.update(chunk)
     assert digest.hexdigest() == outcome.sha256 == sha256(as_stored(path.read_bytes()))
 
+
+
+def test_a_large_text_element_is_read_from_disc_and_checked(facility, tmp_path):
+    # 2 MiB of Text Value (UT): left on disc while parsing, then read back to convert.
+    path = make_dicom(tmp_path / "a.dcm", TextValue="x" * (2 * 1024 * 1024))
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[:1024 * 1024])
+
+    outcomes = ingest_files(facility=facility, paths=[path, cut], source=IngestSource.SCP)
+
+    assert outcomes[0].status == IngestStatus.STORED
+    assert outcomes[1].reason == services.TRUNCATED
+
+
+def test_damaged_copies_of_a_file_are_stored_or_refused_but_never_raise(facility, tmp_path):
+    original = (PYDICOM_DATA / "test_files" / "MR_small.dcm").read_bytes()
+    rng = random.Random(11687)
+    damaged = [original[:cut] for cut in range(0, len(original), 97)]
+    for _copy in range(150):
+        data = bytearray(original)
+        for _flip in range(rng.randint(1, 4)):
+            position = rng.randrange(128, 1400)  # File Meta and the data set's header
+            data[position] = rng.randrange(256)
+        damaged.append(bytes(data))
+
+    outcomes = [ingest_file(facility=facility, fileobj=io.BytesIO(data),
+                            source=IngestSource.UPLOAD) for data in damaged]
+
+    refused = [o for o in outcomes if o.status == IngestStatus.REJECTED]
+    assert refused and all(o.reason for o in refused)
+    assert Instance.objects.filter(facility=facility).count() <= len(outcomes) - len(refused)
+    assert list(Path(settings.SPOOL_DIR).iterdir()) == []

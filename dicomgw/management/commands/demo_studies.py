@@ -59,6 +59,8 @@ class Command(BaseCommand):
                seed=DEFAULT_SEED, **options):
         if ct_slices < 2:
             raise CommandError("--ct-slices must be at least 2.")
+        if seed < 0:
+            raise CommandError("--seed must not be negative.")
         target = self._facility(facility)
         testdata_dir = Path(testdata) if testdata else None
         if testdata_dir is not None and not testdata_dir.is_dir():
@@ -100,7 +102,7 @@ class Command(BaseCommand):
     def _load_testdata(self, facility: Facility, directory: Path, *, verbosity: int) -> None:
         reports = testdata_load(facility=facility, directory=directory)
         self.stdout.write(f"Test corpus {directory}:")
-        for folder, report in reports.items():
+        for folder, report in sorted(reports.items()):
             self.stdout.write(f"  {folder}: {_counts(report)}")
             # Reasons and relative file names only (the corpus holds a real patient's
             # disc, and its names stay out of terminals and logs).
