@@ -8,6 +8,7 @@ import uuid
 
 from django.core.files.storage import storages
 from django.core.signals import setting_changed
+from django.core.validators import RegexValidator
 from django.db import models
 from django.dispatch import receiver
 from django.utils import timezone
@@ -232,3 +233,174 @@ class InstanceConflict(models.Model):
 
     def __str__(self):
         return f"Conflict {self.pk}"
+
+
+# --- The PACS link -----------------------------------------------------------------
+
+ae_title_validator = RegexValidator(
+    r"^[\x20-\x5b\x5d-\x7e]{1,16}$",
+    _("1–16 printable characters, no backslash (PS3.5 6.2, AE)."),
+)
+
+
+class PacsNode(models.Model):
+    """A DICOM peer of a facility (its PACS, a modality, a workstation): where we query,
+    retrieve and push, and who may send to our storage SCP."""
+
+    class QueryModel(models.TextChoices):
+        STUDY_ROOT = "study", _("Study Root")
+        PATIENT_ROOT = "patient", _("Patient Root")
+
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="pacs_nodes")
+    name = models.CharField(_("name"), max_length=100)
+    ae_title = models.CharField(_("AE title"), max_length=16, validators=[ae_title_validator])
+    host = models.CharField(_("host"), max_length=255)
+    port = models.PositiveIntegerField(_("port"), default=104)
+    calling_ae_title = models.CharField(
+        _("our calling AE title"), max_length=16, blank=True, validators=[ae_title_validator],
+        help_text=_("The AE title we present to this node; empty means the site default."),
+    )
+    move_destination = models.CharField(
+        _("C-MOVE destination"), max_length=16, blank=True, validators=[ae_title_validator],
+        help_text=_("The AE title under which this PACS knows our storage SCP; empty means "
+                    "our calling AE title."),
+    )
+    query_model = models.CharField(
+        _("query model"), max_length=8, choices=QueryModel.choices, default=QueryModel.STUDY_ROOT
+    )
+    supports_c_get = models.BooleanField(_("supports C-GET"), default=False)
+    acse_timeout = models.PositiveIntegerField(_("association timeout (s)"), default=30)
+    dimse_timeout = models.PositiveIntegerField(_("DIMSE timeout (s)"), default=60)
+    network_timeout = models.PositiveIntegerField(_("network timeout (s)"), default=60)
+    max_pdu = models.PositiveIntegerField(
+        _("maximum PDU size (bytes)"), default=131072,
+        help_text=_("0 means no limit."),
+    )
+    may_send = models.BooleanField(
+        _("may send to us"), default=True,
+        help_text=_("Accept C-STORE associations from this AE title at this host."),
+    )
+    tls_enabled = models.BooleanField(_("DICOM TLS"), default=False)
+    tls_ca_file = models.CharField(_("CA certificate file"), max_length=500, blank=True)
+    tls_cert_file = models.CharField(_("client certificate file"), max_length=500, blank=True)
+    tls_key_file = models.CharField(_("client key file"), max_length=500, blank=True)
+    is_active = models.BooleanField(_("active"), default=True)
+    last_verified_at = models.DateTimeField(_("last verified"), null=True, blank=True)
+    last_verify_result = models.CharField(_("last verification"), max_length=300, blank=True)
+
+    class Meta:
+        verbose_name = _("PACS node")
+        verbose_name_plural = _("PACS nodes")
+        ordering = ["facility", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["facility", "name"], name="pacs_node_name"),
+        ]
+
+    def __str__(self):
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+class RetrieveJob(models.Model):
+    """Fetching one study from a PACS node into the archive (C-MOVE or C-GET), run by a
+    Celery task. COMPLETE only when every expected instance is archived."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("In progress")
+        COMPLETE = "complete", _("Complete")
+        PARTIAL = "partial", _("Partial")
+        FAILED = "failed", _("Failed")
+
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
+    node = models.ForeignKey(PacsNode, on_delete=models.PROTECT, related_name="retrieves")
+    requested_by = models.ForeignKey(
+        "pockethealth.StaffUser", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    study_instance_uid = models.CharField(_("study instance UID"), max_length=64)
+    study = models.ForeignKey(Study, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="retrieves")
+    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
+                              default=Status.QUEUED, db_index=True)
+    expected = models.PositiveIntegerField(_("expected images"), null=True, blank=True)
+    completed = models.PositiveIntegerField(_("completed"), default=0)
+    remaining = models.PositiveIntegerField(_("remaining"), null=True, blank=True)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    warning = models.PositiveIntegerField(_("warning"), default=0)
+    archived = models.PositiveIntegerField(_("in the archive"), default=0)
+    missing = models.JSONField(_("missing SOP instance UIDs"), default=list, blank=True)
+    error = models.CharField(_("error"), max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = _("retrieve")
+        verbose_name_plural = _("retrieves")
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"Retrieve {self.pk}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in {self.Status.COMPLETE, self.Status.PARTIAL, self.Status.FAILED}
+
+
+class PushJob(models.Model):
+    """Sending an archived study to a PACS node by C-STORE, with a result per instance."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("In progress")
+        COMPLETE = "complete", _("Complete")
+        PARTIAL = "partial", _("Partial")
+        FAILED = "failed", _("Failed")
+
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
+    node = models.ForeignKey(PacsNode, on_delete=models.PROTECT, related_name="pushes")
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="pushes")
+    requested_by = models.ForeignKey(
+        "pockethealth.StaffUser", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
+                              default=Status.QUEUED, db_index=True)
+    total = models.PositiveIntegerField(_("images"), default=0)
+    sent = models.PositiveIntegerField(_("sent"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    warning = models.PositiveIntegerField(_("warning"), default=0)
+    error = models.CharField(_("error"), max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = _("push")
+        verbose_name_plural = _("pushes")
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"Push {self.pk}"
+
+
+class PushResult(models.Model):
+    """The C-STORE status of one instance of a push (PS3.4 Annex B.2.3)."""
+
+    push = models.ForeignKey(PushJob, on_delete=models.CASCADE, related_name="results")
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="+")
+    status = models.PositiveIntegerField(_("DIMSE status"), null=True, blank=True)
+    outcome = models.CharField(_("outcome"), max_length=10)  # success, warning, failure
+    detail = models.CharField(_("detail"), max_length=300, blank=True)
+    sent_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["push", "instance"], name="push_result_once"),
+        ]
+
+    def __str__(self):
+        return f"Push {self.push_id} instance {self.instance_id}: {self.outcome}"

@@ -199,9 +199,29 @@ SPOOL_DIR = env_path("SPOOL_DIR", STORAGE_ROOT / "spool")
 INGEST_MAX_FILE_BYTES = env_int("INGEST_MAX_FILE_BYTES", 2 * 1024**3)
 
 # Public test corpus used by `demo_studies --testdata` and the test-suite.
-TESTDATA_DICOM_DIR = env_path(
-    "TESTDATA_DICOM_DIR", BASE_DIR.parent / "shared" / "testdata" / "dicom"
-)
+def find_testdata_dir() -> Path:
+    """The corpus sits beside the checkout (``../shared``) in a developer's workspace; a
+    clone elsewhere (CI) finds the workspace's copy."""
+    candidates = [
+        BASE_DIR.parent / "shared" / "testdata" / "dicom",
+        Path("/work/shared/testdata/dicom"),
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+TESTDATA_DICOM_DIR = env_path("TESTDATA_DICOM_DIR", find_testdata_dir())
+
+# The DICOM gateway: our storage SCP and the AE title we present to PACS nodes.
+DICOM_AE_TITLE = env_str("DICOM_SCP_AE_TITLE", "EXCHANGE")
+DICOM_SCP_HOST = env_str("DICOM_SCP_HOST", "127.0.0.1")
+DICOM_SCP_PORT = env_int("DICOM_SCP_PORT", 11112)
+DICOM_SCP_MAX_ASSOCIATIONS = env_int("DICOM_SCP_MAX_ASSOCIATIONS", 16)
+DICOM_SCP_MAX_PDU = env_int("DICOM_SCP_MAX_PDU", 131072)
+# Refuse C-STORE (status 0xA700, out of resources) when less than this is free.
+DICOM_SCP_MIN_FREE_BYTES = env_int("DICOM_SCP_MIN_FREE_BYTES", 512 * 1024**2)
+# The demo PACS that `make run` starts (Orthanc when installed).
+DEMO_PACS_AE_TITLE = env_str("DEMO_PACS_AE_TITLE", "DEMOPACS")
+DEMO_PACS_PORT = env_int("DEMO_PACS_PORT", 4242)
 
 # Celery: Redis in production; a broker that needs no server by default.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")

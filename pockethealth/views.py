@@ -7,16 +7,16 @@ from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.http import urlencode
 from django.utils import timezone
+from django.utils.http import urlencode
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_POST
-from django_otp import login as otp_login
 from django_otp import devices_for_user, match_token, user_has_device
+from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from dicomgw.models import Patient, Study
