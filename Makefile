@@ -16,6 +16,7 @@ TEST_DEBS := orthanc dcmtk chromium chromium-driver poppler-utils zbar-tools \
 
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pockethealth
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
+TEST_CACHE_URL ?= redis://127.0.0.1:6379/10
 
 .PHONY: run test venv services debs bench lint clean
 
@@ -56,7 +57,7 @@ services:
 		for i in $$(seq 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done; }
 
 test: $(STAMP) debs services
-	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) CACHE_URL=$(TEST_CACHE_URL) \
 		PH_VAR_DIR=$(CURDIR)/var/test DJANGO_ALLOW_ASYNC_UNSAFE=true \
 		$(PY) -m pytest $(PYTEST_ARGS)
 

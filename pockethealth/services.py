@@ -1,8 +1,10 @@
 """Platform services: the audit trail and the client address of a request."""
 
+import hashlib
 import ipaddress
 
 from django.conf import settings
+from django.core.cache import cache
 from django.http import HttpRequest
 
 from .models import AuditEvent, Facility, StaffUser
@@ -98,3 +100,35 @@ def static_codes_issue(*, user: StaffUser, count: int | None = None) -> list[str
     codes = [StaticToken.random_token() for _ in range(count)]
     StaticToken.objects.bulk_create(StaticToken(device=device, token=c) for c in codes)
     return codes
+
+
+# --- Sign-in throttling --------------------------------------------------------------
+
+
+def _throttle_keys(*, username: str, address: str | None) -> list[str]:
+    digest = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+    keys = [f"login-fail:user:{digest}"]
+    if address:
+        keys.append(f"login-fail:addr:{address}")
+    return keys
+
+
+def login_allowed(*, username: str, address: str | None) -> bool:
+    """False once a user name, or a client address, has had too many wrong passwords in
+    the window; the counters live in the shared cache so every web process agrees."""
+    counts = cache.get_many(_throttle_keys(username=username, address=address))
+    return all(count < settings.LOGIN_FAILURE_LIMIT for count in counts.values())
+
+
+def login_failure_record(*, username: str, address: str | None) -> None:
+    for key in _throttle_keys(username=username, address=address):
+        # add() starts the window; incr() is atomic in Redis.
+        cache.add(key, 0, timeout=settings.LOGIN_FAILURE_WINDOW_SECONDS)
+        try:
+            cache.incr(key)
+        except ValueError:
+            cache.set(key, 1, timeout=settings.LOGIN_FAILURE_WINDOW_SECONDS)
+
+
+def login_failures_clear(*, username: str) -> None:
+    cache.delete_many(_throttle_keys(username=username, address=None))

@@ -211,6 +211,20 @@ def find_testdata_dir() -> Path:
 
 TESTDATA_DICOM_DIR = env_path("TESTDATA_DICOM_DIR", find_testdata_dir())
 
+# Counters that must agree across processes (sign-in throttling, later code guessing)
+# live in the cache: Redis in production, process memory on a development machine.
+CACHE_URL = env_str("CACHE_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+        if CACHE_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+# Wrong passwords allowed per user name (and per client address) in the window.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10)
+LOGIN_FAILURE_WINDOW_SECONDS = env_int("LOGIN_FAILURE_WINDOW_SECONDS", 15 * 60)
+
 # The DICOM gateway: our storage SCP and the AE title we present to PACS nodes.
 DICOM_AE_TITLE = env_str("DICOM_SCP_AE_TITLE", "EXCHANGE")
 DICOM_SCP_HOST = env_str("DICOM_SCP_HOST", "127.0.0.1")

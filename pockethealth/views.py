@@ -24,7 +24,16 @@ from dicomgw.models import Patient, Study
 from .auth import clerk_required, safe_next, second_factor_url
 from .forms import PasswordLoginForm, TokenForm
 from .models import AuditEvent
-from .services import audit_record, static_codes_issue, totp_device_confirm, totp_device_start
+from .services import (
+    audit_record,
+    client_address,
+    login_allowed,
+    login_failure_record,
+    login_failures_clear,
+    static_codes_issue,
+    totp_device_confirm,
+    totp_device_start,
+)
 
 ENROL_DEVICE_SESSION_KEY = "enrol_totp_device_id"
 FRESH_CODES_SESSION_KEY = "fresh_backup_codes"
@@ -41,19 +50,28 @@ def login_view(request: HttpRequest) -> HttpResponse:
         return redirect(second_factor_url(request, next_url))
     form = PasswordLoginForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        user = auth.authenticate(
-            request,
-            username=form.cleaned_data["username"],
-            password=form.cleaned_data["password"],
-        )
+        username = form.cleaned_data["username"]
+        address = client_address(request)
+        if not login_allowed(username=username, address=address):
+            audit_record(request=request, action="login.password",
+                         outcome=AuditEvent.Outcome.DENIED, actor_ref=username,
+                         detail={"reason": "throttled"})
+            form.add_error(None, _(
+                "Too many unsuccessful attempts. Wait 15 minutes, or ask your facility "
+                "administrator to reset your password."
+            ))
+            return render(request, "account/login.html", {"form": form, "next": next_url})
+        user = auth.authenticate(request, username=username,
+                                 password=form.cleaned_data["password"])
         if user is None:
+            login_failure_record(username=username, address=address)
             audit_record(
                 request=request, action="login.password",
-                outcome=AuditEvent.Outcome.FAILURE,
-                actor_ref=form.cleaned_data["username"],
+                outcome=AuditEvent.Outcome.FAILURE, actor_ref=username,
             )
             form.add_error(None, _("That user name and password do not match an account."))
         else:
+            login_failures_clear(username=username)
             auth.login(request, user)
             audit_record(request=request, action="login.password", user=user)
             return redirect(second_factor_url(request, next_url))

@@ -38,6 +38,15 @@ def _isolated_storage(settings, tmp_path):
     settings.SPOOL_DIR = tmp_path / "spool"
 
 
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """Throttling counters live in the cache (Redis under `make test`): start clean."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
 @pytest.fixture
 def testdata_dir() -> Path:
     path = Path(settings.TESTDATA_DICOM_DIR)

@@ -228,3 +228,29 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy():
     assert client_address(spoofed) == "198.51.100.7"
     proxied = rf.get("/", REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR="1.2.3.4, 198.51.100.8")
     assert client_address(proxied) == "198.51.100.8"
+
+
+def test_too_many_wrong_passwords_lock_the_sign_in(client, clerk, settings):
+    settings.LOGIN_FAILURE_LIMIT = 3
+    for _ in range(3):
+        client.post("/account/login/", {"username": "clerk", "password": "wrong-password-1"})
+    response = client.post("/account/login/", {"username": "clerk", "password": CLERK_PASSWORD})
+    assert response.status_code == 200
+    assert b"Too many unsuccessful attempts" in response.content
+    assert client.get("/clerk/").status_code == 302
+    denied = AuditEvent.objects.get(action="login.password", outcome="denied")
+    assert denied.actor_ref == "clerk"
+
+
+def test_times_are_shown_in_the_facility_time_zone(clerk_client, clerk):
+    import datetime
+
+    clerk.facility.time_zone = "America/Vancouver"
+    clerk.facility.save()
+    study = make_archive_patient(clerk.facility)
+    Study.objects.filter(pk=study.pk).update(
+        created_at=datetime.datetime(2026, 7, 1, 3, 30, tzinfo=datetime.UTC)
+    )
+    page = clerk_client.get("/clerk/").content.decode()
+    # 03:30 UTC on 1 July is 20:30 on 30 June in Vancouver (PDT, UTC-7).
+    assert "2026/06/30" in page and "20:30" in page
