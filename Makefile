@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 # Debian packages the suite drives as real peers, and what WeasyPrint renders with.
-TEST_DEBS := orthanc dcmtk chromium chromium-driver poppler-utils zbar-tools \
+TEST_DEBS := orthanc dcmtk xorriso genisoimage chromium chromium-driver poppler-utils zbar-tools \
 	fonts-dejavu-core fonts-liberation2 libpango-1.0-0 libpangoft2-1.0-0
 
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/pockethealth
@@ -61,8 +61,18 @@ test: $(STAMP) debs services
 		PH_VAR_DIR=$(CURDIR)/var/test DJANGO_ALLOW_ASYNC_UNSAFE=true \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
+# Each benchmark runs against its peer in the same run; one that fails does not stop the
+# others, but makes the target fail. BENCH_POSTGRES is the server on which a benchmark may
+# create (and drop) a throwaway database.
+BENCH_POSTGRES ?= postgres://postgres@127.0.0.1:5432/
+
 bench: $(STAMP) debs services
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+	@shopt -s nullglob; failed=""; \
+	for b in bench/*.py; do \
+		echo "== $$b"; \
+		BENCH_POSTGRES=$(BENCH_POSTGRES) $(PY) $$b || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

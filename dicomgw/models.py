@@ -320,6 +320,13 @@ class RetrieveJob(models.Model):
     study_instance_uid = models.CharField(_("study instance UID"), max_length=64)
     study = models.ForeignKey(Study, null=True, blank=True, on_delete=models.SET_NULL,
                               related_name="retrieves")
+    # What the PACS said of the study when the clerk picked it, so the job can be
+    # recognised before any image has arrived (the archive's row takes over once linked).
+    patient_name = models.CharField(_("patient name"), max_length=320, blank=True)
+    patient_id = models.CharField(_("patient ID (MRN)"), max_length=64, blank=True)
+    study_date = models.DateField(_("study date"), null=True, blank=True)
+    description = models.CharField(_("description"), max_length=200, blank=True)
+    modalities = models.CharField(_("modalities"), max_length=200, blank=True)
     status = models.CharField(_("status"), max_length=10, choices=Status.choices,
                               default=Status.QUEUED, db_index=True)
     expected = models.PositiveIntegerField(_("expected images"), null=True, blank=True)
@@ -340,6 +347,14 @@ class RetrieveJob(models.Model):
         verbose_name = _("retrieve")
         verbose_name_plural = _("retrieves")
         ordering = ["-created_at"]
+        constraints = [
+            # One live retrieve per study of a facility: asking twice joins the first.
+            models.UniqueConstraint(
+                fields=["facility", "study_instance_uid"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="one_live_retrieve_per_study",
+            ),
+        ]
 
     def __str__(self):
         return f"Retrieve {self.pk}"
@@ -347,6 +362,19 @@ class RetrieveJob(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in {self.Status.COMPLETE, self.Status.PARTIAL, self.Status.FAILED}
+
+    @property
+    def progress_percent(self) -> int:
+        """While running: the share of the study archived before the run or handled by
+        the PACS since; once finished: the share in the archive."""
+        if not self.expected:
+            return 100 if self.status == self.Status.COMPLETE else 0
+        if self.is_finished:
+            done = self.archived
+        else:
+            done = max(self.archived, self.expected - (self.remaining or 0)
+                       if self.remaining is not None else 0)
+        return max(0, min(100, round(100 * done / self.expected)))
 
 
 class PushJob(models.Model):
@@ -375,6 +403,7 @@ class PushJob(models.Model):
     error = models.CharField(_("error"), max_length=500, blank=True)
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -382,9 +411,27 @@ class PushJob(models.Model):
         verbose_name = _("push")
         verbose_name_plural = _("pushes")
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node", "study"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="one_live_push_per_study_and_node",
+            ),
+        ]
 
     def __str__(self):
         return f"Push {self.pk}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in {self.Status.COMPLETE, self.Status.PARTIAL, self.Status.FAILED}
+
+    @property
+    def progress_percent(self) -> int:
+        if not self.total:
+            return 100 if self.status == self.Status.COMPLETE else 0
+        done = self.sent if self.is_finished else self.sent + self.failed
+        return max(0, min(100, round(100 * done / self.total)))
 
 
 class PushResult(models.Model):
@@ -404,3 +451,89 @@ class PushResult(models.Model):
 
     def __str__(self):
         return f"Push {self.push_id} instance {self.instance_id}: {self.outcome}"
+
+
+# --- Recipient media (dicomgw.media) -------------------------------------------------
+
+
+class MediaJob(models.Model):
+    """A disc image (ISO 9660) of some archived studies: a row the view creates, a Celery
+    task fills (status, progress) and a download view serves until ``expires_at``, after
+    which the periodic purge removes the file. A ZIP needs no row: it is streamed as it
+    is built."""
+
+    class Kind(models.TextChoices):
+        ISO = "iso", _("Disk image")
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Waiting")
+        RUNNING = "running", _("Being prepared")
+        READY = "ready", _("Ready")
+        FAILED = "failed", _("Failed")
+        EXPIRED = "expired", _("Expired")
+
+    LIVE_STATUSES = ("queued", "running", "ready")
+
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
+    kind = models.CharField(_("kind"), max_length=8, choices=Kind.choices, default=Kind.ISO)
+    # Whose job this is, in the caller's terms ("share:42"): the caller checks access
+    # against it; the media code never interprets it.
+    owner_ref = models.CharField(_("owner"), max_length=100, db_index=True)
+    # Digest of what goes on the image (studies and their image counts, viewer, name),
+    # so asking twice for the same content finds the same job.
+    spec_key = models.CharField(max_length=64, editable=False)
+    study_ids = models.JSONField(_("studies"), default=list)
+    patient_last_name = models.CharField(_("patient last name"), max_length=100, blank=True)
+    include_viewer = models.BooleanField(_("viewer included"), default=False)
+    viewer_dir = models.CharField(_("viewer folder"), max_length=500, blank=True)
+    # The language of whoever asked: README.TXT and INDEX.HTM are written in it.
+    language = models.CharField(_("language"), max_length=10, blank=True)
+    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
+                              default=Status.QUEUED, db_index=True)
+    file = models.FileField(_("file"), max_length=300, blank=True, editable=False)
+    size = models.PositiveBigIntegerField(_("size (bytes)"), default=0)
+    bytes_total = models.PositiveBigIntegerField(_("bytes to write"), default=0)
+    bytes_done = models.PositiveBigIntegerField(_("bytes written"), default=0)
+    files_total = models.PositiveIntegerField(_("files to write"), default=0)
+    files_done = models.PositiveIntegerField(_("files written"), default=0)
+    error = models.CharField(_("error"), max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(_("expires"), db_index=True)
+
+    class Meta:
+        verbose_name = _("media job")
+        verbose_name_plural = _("media jobs")
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner_ref", "spec_key"],
+                condition=models.Q(status__in=["queued", "running", "ready"]),
+                name="one_live_media_job_per_owner_and_content",
+            ),
+        ]
+
+    def __str__(self):
+        return f"Media job {self.pk}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in {self.Status.READY, self.Status.FAILED, self.Status.EXPIRED}
+
+    @property
+    def progress_percent(self) -> int:
+        if self.status == self.Status.READY:
+            return 100
+        if not self.bytes_total:
+            return 0
+        return max(0, min(99, self.bytes_done * 100 // self.bytes_total))
+
+    @property
+    def download_name(self) -> str:
+        """``ISO_<Lastname>.iso``, the name the browser saves the image under."""
+        from .media import media_name
+
+        return f"{media_name('ISO', self.patient_last_name)}.iso"

@@ -233,6 +233,16 @@ DICOM_SCP_MAX_ASSOCIATIONS = env_int("DICOM_SCP_MAX_ASSOCIATIONS", 16)
 DICOM_SCP_MAX_PDU = env_int("DICOM_SCP_MAX_PDU", 131072)
 # Refuse C-STORE (status 0xA700, out of resources) when less than this is free.
 DICOM_SCP_MIN_FREE_BYTES = env_int("DICOM_SCP_MIN_FREE_BYTES", 512 * 1024**2)
+# Threads of `runscp` that index received files (the spool folder is their queue).
+DICOM_SCP_INGEST_WORKERS = env_int("DICOM_SCP_INGEST_WORKERS", 2)
+# Scheduling niceness of that indexing (0-19): receiving, which a sender waits on, first.
+DICOM_SCP_INGEST_NICENESS = env_int("DICOM_SCP_INGEST_NICENESS", 10)
+# How often the SCP re-reads which PACS nodes may send to it (seconds).
+DICOM_SCP_NODE_REFRESH_SECONDS = env_int("DICOM_SCP_NODE_REFRESH_SECONDS", 5)
+# SCP timeouts (seconds): for the A-ASSOCIATE-RQ after connecting, and for silence
+# within an association.
+DICOM_SCP_ACSE_TIMEOUT = env_int("DICOM_SCP_ACSE_TIMEOUT", 30)
+DICOM_SCP_NETWORK_TIMEOUT = env_int("DICOM_SCP_NETWORK_TIMEOUT", 120)
 # The demo PACS that `make run` starts (Orthanc when installed).
 DEMO_PACS_AE_TITLE = env_str("DEMO_PACS_AE_TITLE", "DEMOPACS")
 DEMO_PACS_PORT = env_int("DEMO_PACS_PORT", 4242)
@@ -280,3 +290,79 @@ LOGGING = {
         "pynetdicom": {"handlers": ["console"], "level": "WARNING", "propagate": False},
     },
 }
+
+# --- Provider sharing (sharing/) ------------------------------------------------------
+# A share opens for SHARE_ACCESS_DAYS; the recipient may extend it once, within those
+# days, to SHARE_MAX_MONTHS.
+SHARE_ACCESS_DAYS = env_int("SHARE_ACCESS_DAYS", 30)
+SHARE_MAX_MONTHS = env_int("SHARE_MAX_MONTHS", 9)
+# Faxes go out as e-mail to "<digits>@<gateway domain>" through the EMAIL_* server. A
+# facility's own gateway and sender (sharing.SharingSettings) override these; with no
+# domain anywhere, faxing is off and the clerk prints the page instead.
+FAX_GATEWAY_DOMAIN = env_str("FAX_GATEWAY_DOMAIN", "")
+FAX_SENDER_EMAIL = env_str("FAX_SENDER_EMAIL", DEFAULT_FROM_EMAIL)
+FAX_MAX_ATTEMPTS = env_int("FAX_MAX_ATTEMPTS", 4)
+FAX_RETRY_BACKOFF_SECONDS = env_int("FAX_RETRY_BACKOFF_SECONDS", 60)
+# WeasyPrint reports each rendering step at INFO; its warnings are what matter.
+LOGGING["loggers"]["weasyprint"] = {"handlers": ["console"], "level": "WARNING",
+                                    "propagate": False}
+
+# --- Recipient access (/view: sharing/recipient*.py, sharing/throttle.py) ---------------
+# Wrong dates of birth typed with a share's right code before the share locks (a clerk
+# or support unlocks it).
+SHARE_DOB_ATTEMPTS = env_int("SHARE_DOB_ATTEMPTS", 10)
+# Wrong code-and-birth-date pairs from one client address (an IPv6 /64) in the window;
+# reaching the limit refuses that address for VIEW_ADDRESS_BLOCK_SECONDS.
+VIEW_ADDRESS_FAILURES = env_int("VIEW_ADDRESS_FAILURES", 20)
+VIEW_ADDRESS_WINDOW_SECONDS = env_int("VIEW_ADDRESS_WINDOW_SECONDS", 15 * 60)
+VIEW_ADDRESS_BLOCK_SECONDS = env_int("VIEW_ADDRESS_BLOCK_SECONDS", 30 * 60)
+# The site-wide breaker against codes sprayed from many addresses: more wrong pairs than
+# this in one minute, all addresses together, refuses every attempt for the next
+# VIEW_BREAKER_SECONDS.
+VIEW_GLOBAL_FAILURES_PER_MINUTE = env_int("VIEW_GLOBAL_FAILURES_PER_MINUTE", 300)
+VIEW_BREAKER_SECONDS = env_int("VIEW_BREAKER_SECONDS", 60)
+# The recipient's session: its own cookie, sent to /view only, ended after this long
+# without a request and this long after the code and date of birth were entered.
+RECIPIENT_SESSION_COOKIE_NAME = env_str("RECIPIENT_SESSION_COOKIE_NAME", "view_session")
+RECIPIENT_SESSION_IDLE_SECONDS = env_int("RECIPIENT_SESSION_IDLE_SECONDS", 30 * 60)
+RECIPIENT_SESSION_MAX_SECONDS = env_int("RECIPIENT_SESSION_MAX_SECONDS", 12 * 3600)
+# Where those sessions are kept: read through the cache when the cache is shared by every
+# process (Redis), else from the database alone (a per-process cache could serve a
+# session another process has ended).
+RECIPIENT_SESSION_ENGINE = (
+    "django.contrib.sessions.backends.cached_db" if CACHE_URL
+    else "django.contrib.sessions.backends.db")
+# How long a code brought by the Access Page's QR link stays filled in on /view.
+VIEW_PENDING_CODE_SECONDS = env_int("VIEW_PENDING_CODE_SECONDS", 15 * 60)
+# Archived studies that no live share (or other holder below) needs are deleted this
+# many days after the last one let go of them, or after they arrived if none ever held
+# them. Each holder is a function (*, now, cutoff) -> query of the study ids it keeps;
+# a new kind of reference (retrieval requests) adds its own here.
+ARCHIVE_RETENTION_DAYS = env_int("ARCHIVE_RETENTION_DAYS", 30)
+ARCHIVE_HOLDERS = [
+    "sharing.recipient.studies_held_by_shares",
+    "sharing.recipient.studies_held_by_transfers",
+]
+# Studies purged per run of the job; the next run carries on.
+ARCHIVE_PURGE_BATCH = env_int("ARCHIVE_PURGE_BATCH", 200)
+CELERY_BEAT_SCHEDULE = {
+    "sharing-expire-and-purge": {
+        "task": "sharing.tasks.expire_and_purge",
+        "schedule": env_int("EXPIRE_AND_PURGE_EVERY_SECONDS", 10 * 60),
+    },
+}
+
+# --- Recipient media (dicomgw.media) ------------------------------------------------
+# Disc images (ISO) are built by a worker into the default storage and removed when
+# they expire; a building job whose row has not moved for MEDIA_JOB_STALE_SECONDS lost
+# its worker and is queued again. MEDIA_VIEWER_DIR is the offline viewer's folder of
+# static files, put under IHE_PDI/ when a recipient asks for the viewer.
+MEDIA_JOB_STALE_SECONDS = env_int("MEDIA_JOB_STALE_SECONDS", 300)
+MEDIA_PURGE_INTERVAL_SECONDS = env_int("MEDIA_PURGE_INTERVAL_SECONDS", 300)
+MEDIA_VIEWER_DIR = env_str("MEDIA_VIEWER_DIR", "") or None
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "dicomgw.purge_media_jobs": {"task": "dicomgw.tasks.purge_media_jobs",
+                                 "schedule": MEDIA_PURGE_INTERVAL_SECONDS},
+}
+# --- end of recipient media ---------------------------------------------------------

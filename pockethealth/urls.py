@@ -3,6 +3,8 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from django_otp.admin import OTPAdminSite
 
+from dicomgw.urls import pacs_urlpatterns
+
 from . import views
 
 # The admin refuses any session that has not passed the second factor.
@@ -15,5 +17,8 @@ urlpatterns = [
     path("account/", include("pockethealth.account_urls")),
     path("clerk/", views.clerk_home, name="clerk-home"),
     path("clerk/archive/", include("dicomgw.urls")),
+    path("clerk/shares/", include("sharing.urls")),
+    path("clerk/pacs/", include(pacs_urlpatterns)),
     path("admin/", admin.site.urls),
+    path("", include("sharing.recipient_urls")),
 ]

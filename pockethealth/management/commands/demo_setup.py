@@ -1,5 +1,6 @@
 """Prepare a fresh machine for a first look: a demo facility, its clerk (password and a
-second factor) and, when the archive is empty, the demo studies. Prints how to sign in."""
+second factor), the demo PACS as the facility's PACS node and, when the archive is empty,
+the demo studies. Prints how to sign in."""
 
 import base64
 
@@ -9,7 +10,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from dicomgw.models import Study
+from dicomgw.models import PacsNode, Study
 from pockethealth.models import Facility, StaffUser
 from pockethealth.services import static_codes_issue
 
@@ -24,6 +25,7 @@ DEMO_FACILITY = {
 DEMO_USERNAME = "clerk"
 DEMO_PASSWORD = "demo-clerk-password"
 SUPPORT_USERNAME = "support"
+DEMO_PACS_NAME = "Demo PACS"
 
 
 class Command(BaseCommand):
@@ -44,6 +46,15 @@ class Command(BaseCommand):
             support = self.ensure_user(SUPPORT_USERNAME, facility=None,
                                        role=StaffUser.Role.SUPPORT, first_name="Platform",
                                        last_name="Support", is_staff=True, is_superuser=True)
+            # The demo PACS (``manage.py demopacs``, started by ``serve``) as this
+            # facility's PACS: the clerk searches it, and our SCP accepts its C-MOVE
+            # associations because the node may send.
+            PacsNode.objects.update_or_create(
+                facility=facility, name=DEMO_PACS_NAME,
+                defaults={"ae_title": settings.DEMO_PACS_AE_TITLE, "host": "127.0.0.1",
+                          "port": settings.DEMO_PACS_PORT, "may_send": True,
+                          "is_active": True},
+            )
             clerk_codes = static_codes_issue(user=clerk, count=5)
             support_codes = static_codes_issue(user=support, count=3)
         if not no_studies and not Study.objects.filter(facility=facility).exists():
@@ -63,6 +74,11 @@ class Command(BaseCommand):
         self.stdout.write(f"                  or an authenticator app with the key {secret}")
         self.stdout.write(f"  Administration: {settings.SITE_URL}/admin/  user '{SUPPORT_USERNAME}'"
                           f"  password '{DEMO_PASSWORD}'  codes: {' '.join(support_codes)}")
+        self.stdout.write(f"  PACS:           '{DEMO_PACS_NAME}' ({settings.DEMO_PACS_AE_TITLE} at "
+                          f"127.0.0.1:{settings.DEMO_PACS_PORT}) holds the patients' earlier "
+                          "exams;")
+        self.stdout.write(f"                  our DICOM receiver is {settings.DICOM_AE_TITLE} at "
+                          f"{settings.DICOM_SCP_HOST}:{settings.DICOM_SCP_PORT}")
         self.stdout.write("  New backup codes are printed on every start. Ctrl-C stops everything.")
         self.stdout.write(self.style.SUCCESS(line))
 

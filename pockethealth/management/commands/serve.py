@@ -1,5 +1,5 @@
-"""Start the web server and the Celery worker as separate processes under one command;
-Ctrl-C stops them all."""
+"""Start the web server, the Celery worker, our storage SCP and the demo PACS as
+separate processes under one command; Ctrl-C stops them all."""
 
 import os
 import signal
@@ -8,18 +8,25 @@ import sys
 import time
 
 from django.conf import settings
+from django.core.management import get_commands
 from django.core.management.base import BaseCommand
+
+# Children whose end does not stop the rest: the product works without its demo PACS.
+OPTIONAL = {"demopacs"}
 
 
 class Command(BaseCommand):
-    help = "Run the web server and the Celery worker together (Ctrl-C stops all)."
+    help = ("Run the web server, the Celery worker, the storage SCP and the demo PACS "
+            "together (Ctrl-C stops all).")
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--concurrency", type=int, default=2)
+        parser.add_argument("--no-demo-pacs", action="store_true",
+                            help="Do not start the demo PACS.")
 
-    def handle(self, *args, host, port, concurrency, **options):
+    def handle(self, *args, host, port, concurrency, no_demo_pacs=False, **options):
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
         commands = {
             "web": [*manage, "runserver", "--noreload", f"{host}:{port}"],
@@ -27,6 +34,11 @@ class Command(BaseCommand):
                        "-l", "INFO", f"--concurrency={concurrency}",
                        "--without-heartbeat", "--without-gossip", "--without-mingle"],
         }
+        available = get_commands()
+        if "runscp" in available:
+            commands["scp"] = [*manage, "runscp"]
+        if "demopacs" in available and not no_demo_pacs:
+            commands["demopacs"] = [*manage, "demopacs"]
         children = {}
         for name, argv in commands.items():
             children[name] = subprocess.Popen(argv, cwd=settings.BASE_DIR, start_new_session=True)
@@ -43,21 +55,36 @@ class Command(BaseCommand):
         exit_code = 0
         try:
             while not stopping:
-                for name, proc in children.items():
-                    if proc.poll() is not None:
-                        self.stderr.write(f"{name} exited with status {proc.returncode}; stopping")
-                        exit_code = proc.returncode or 1
-                        stopping = True
+                for name, proc in list(children.items()):
+                    if proc.poll() is None:
+                        continue
+                    if name in OPTIONAL:
+                        self.stderr.write(f"{name} exited with status {proc.returncode}; "
+                                          "carrying on without it")
+                        del children[name]
+                        continue
+                    self.stderr.write(f"{name} exited with status {proc.returncode}; stopping")
+                    exit_code = proc.returncode or 1
+                    stopping = True
                 time.sleep(0.5)
         finally:
+            # Each child leads its own process group: signal the whole group, so what a
+            # child started (Celery's pool, Orthanc) goes too, even if the child is gone.
             for proc in children.values():
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
             deadline = time.monotonic() + 15
             for proc in children.values():
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    signal_group(proc, signal.SIGKILL)
+                    proc.wait()
             self.stdout.write("stopped")
         sys.exit(exit_code)
+
+
+def signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
