@@ -22,6 +22,7 @@ DEMO_FACILITY = {
     "fax": "416-555-0143",
     "time_zone": "America/Toronto",
 }
+WELCOME_FILE = settings.VAR_DIR / "welcome.txt"
 DEMO_USERNAME = "clerk"
 DEMO_PASSWORD = "demo-clerk-password"
 SUPPORT_USERNAME = "support"
@@ -67,20 +68,26 @@ class Command(BaseCommand):
         totp = TOTPDevice.objects.get(user=clerk, confirmed=True)
         secret = base64.b32encode(totp.bin_key).decode().rstrip("=")
         line = "=" * 72
-        self.stdout.write(self.style.SUCCESS(line))
-        self.stdout.write(f"  {settings.PRODUCT_NAME} is starting at {settings.SITE_URL}/")
-        self.stdout.write(f"  Clerk sign-in:  user '{DEMO_USERNAME}'  password '{DEMO_PASSWORD}'")
-        self.stdout.write(f"  Second factor:  one of these backup codes: {' '.join(clerk_codes)}")
-        self.stdout.write(f"                  or an authenticator app with the key {secret}")
-        self.stdout.write(f"  Administration: {settings.SITE_URL}/admin/  user '{SUPPORT_USERNAME}'"
-                          f"  password '{DEMO_PASSWORD}'  codes: {' '.join(support_codes)}")
-        self.stdout.write(f"  PACS:           '{DEMO_PACS_NAME}' ({settings.DEMO_PACS_AE_TITLE} at "
-                          f"127.0.0.1:{settings.DEMO_PACS_PORT}) holds the patients' earlier "
-                          "exams;")
-        self.stdout.write(f"                  our DICOM receiver is {settings.DICOM_AE_TITLE} at "
-                          f"{settings.DICOM_SCP_HOST}:{settings.DICOM_SCP_PORT}")
-        self.stdout.write("  New backup codes are printed on every start. Ctrl-C stops everything.")
-        self.stdout.write(self.style.SUCCESS(line))
+        welcome = [
+            line,
+            f"  {settings.PRODUCT_NAME} is starting at {settings.SITE_URL}/",
+            f"  Clerk sign-in:  user '{DEMO_USERNAME}'  password '{DEMO_PASSWORD}'",
+            f"  Second factor:  one of these backup codes: {' '.join(clerk_codes)}",
+            f"                  or an authenticator app with the key {secret}",
+            f"  Administration: {settings.SITE_URL}/admin/  user '{SUPPORT_USERNAME}'"
+            f"  password '{DEMO_PASSWORD}'  codes: {' '.join(support_codes)}",
+            f"  PACS:           '{DEMO_PACS_NAME}' ({settings.DEMO_PACS_AE_TITLE} at "
+            f"127.0.0.1:{settings.DEMO_PACS_PORT}) holds the patients' earlier exams;",
+            f"                  our DICOM receiver is {settings.DICOM_AE_TITLE} at "
+            f"{settings.DICOM_SCP_HOST}:{settings.DICOM_SCP_PORT}",
+            "  New backup codes are printed on every start. Ctrl-C stops everything.",
+            line,
+        ]
+        text = "\n".join(welcome)
+        self.stdout.write(self.style.SUCCESS(text))
+        # `serve` prints it again once its children's start-up chatter is over.
+        WELCOME_FILE.write_text(text + "\n")
+        WELCOME_FILE.chmod(0o600)
 
     def ensure_user(self, username, **fields):
         user = StaffUser.objects.filter(username=username).first()

@@ -30,7 +30,10 @@ class Command(BaseCommand):
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
         commands = {
             "web": [*manage, "runserver", "--noreload", f"{host}:{port}"],
-            "worker": [sys.executable, "-m", "celery", "-A", "pockethealth", "worker",
+            # -B runs the periodic jobs (share expiry, purge, stale-job recovery) in the
+            # worker: one process less on a single machine.
+            "worker": [sys.executable, "-m", "celery", "-A", "pockethealth", "worker", "-B",
+                       "-s", str(settings.VAR_DIR / "celerybeat-schedule"),
                        "-l", "INFO", f"--concurrency={concurrency}",
                        "--without-heartbeat", "--without-gossip", "--without-mingle"],
         }
@@ -53,8 +56,18 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
         exit_code = 0
+        parent = os.getppid()
+        welcome_at = time.monotonic() + 8
         try:
             while not stopping:
+                if welcome_at and time.monotonic() > welcome_at:
+                    welcome_at = None
+                    welcome = settings.VAR_DIR / "welcome.txt"
+                    if welcome.exists():
+                        self.stdout.write(welcome.read_text())
+                if os.getppid() != parent:
+                    # Whatever started us (make, a terminal) is gone: stop with it.
+                    stopping = True
                 for name, proc in list(children.items()):
                     if proc.poll() is None:
                         continue
