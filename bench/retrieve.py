@@ -9,7 +9,9 @@ holding the generated studies, our SCP as a child process. Every peer runs at it
 the largest PDU both receivers allow (128 KiB), movescu writing bit-preserved.
 
 Ours is timed from the C-MOVE request to its final response (every image spooled and
-acknowledged); when the archive index holds them all is reported apart. The peak memory
+acknowledged); when the archive index holds them all is reported apart. movescu is timed
+whole, and also from when it accepts Orthanc's sub-association (it polls for that once a
+second; see ``move_dcmtk``). The peak memory
 of our receiver process (VmHWM) is taken for a small study and for the large one, each
 in a fresh process: it should not grow with the study.
 

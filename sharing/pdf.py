@@ -89,6 +89,14 @@ class Exam:
     description: str
     study_date: datetime.date | None
 
+    @property
+    def title(self) -> str:
+        """"CR CHEST 2 VIEW": the modality, unless the description already starts with it."""
+        description = self.description.strip()
+        if self.modalities and not description.upper().startswith(self.modalities.upper()):
+            return f"{self.modalities} {description}".strip()
+        return description
+
 
 @dataclass(frozen=True)
 class AccessPage:
