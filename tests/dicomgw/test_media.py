@@ -334,7 +334,7 @@ def sample_instance(number: int = 7) -> PlannedInstance:
         instance_id=1, storage_name="x", size=10, sha256="0" * 64,
         sop_class_uid=MRImageStorage, sop_instance_uid="1.2.826.0.1.3680043.8.498.1234567",
         transfer_syntax_uid="1.2.840.10008.1.2.4.70", instance_number=number,
-        file_id=("IMAGES", "DICOMS", f"IM{number}"))
+        path=f"IMAGES/DICOMS/IM{number}")
 
 
 def test_records_are_encoded_as_pydicom_encodes_them():
@@ -387,7 +387,7 @@ def synthetic_plan(count: int, per_series: int = 250) -> MediaPlan:
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                 sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{n + 1}.1234567890123456",
                 transfer_syntax_uid="1.2.840.10008.1.2.1", instance_number=n + 1,
-                file_id=("IMAGES", "DICOMS", f"IM{n + 1}"))
+                path=f"IMAGES/DICOMS/IM{n + 1}")
             series.instances.append(instance)
             instances.append(instance)
         series_list.append(series)

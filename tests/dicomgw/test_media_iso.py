@@ -162,6 +162,13 @@ def test_disc_image_reads_back_with_pycdlib_isoinfo_fileset_and_dcmdump(
                                capture_output=True)
     assert extracted.stdout == (out / "IMAGES" / "DICOMS" / "IM1").read_bytes()
 
+    # libisofs (xorriso) is a third reader; it reports any structure it dislikes.
+    found = subprocess.run(["xorriso", "-report_about", "WARNING", "-indev", str(path),
+                            "-find", "/", "-type", "f"], capture_output=True, text=True,
+                           errors="replace")
+    assert found.returncode == 0 and "WARNING" not in found.stderr + found.stdout, found.stderr
+    assert len(found.stdout.splitlines()) == 94 + 3 + 5  # images, DICOMDIR…, viewer
+
 
 def test_disc_without_viewer_has_a_plain_index(studies):
     job = built(studies[:1])
