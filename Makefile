@@ -74,6 +74,36 @@ bench: $(STAMP) debs services
 	done; \
 	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
 
+# The browser viewer: OHIF's prebuilt app (npm package @ohif/app, version and SHA-512
+# pinned in viewer/ohif.py), fetched once with npm into var/ohif and trimmed there.
+OHIF_STAMP := var/ohif/ohif-install.json
+
+.PHONY: ohif
+ohif: $(OHIF_STAMP)
+
+$(OHIF_STAMP): viewer/ohif.py | $(STAMP)
+	$(PY) manage.py ohif_install --force
+
+run test bench: $(OHIF_STAMP)
+# bench/viewer.py's peer is the same app reading Orthanc's DICOMweb plugin.
+TEST_DEBS += orthanc-dicomweb
+
+# The offline viewer that goes on ZIP and disc media: its npm packages pinned by
+# viewer/offline/package-lock.json, built into viewer/offline/dist (MEDIA_VIEWER_DIR).
+OFFLINE_VIEWER := viewer/offline
+OFFLINE_VIEWER_STAMP := $(OFFLINE_VIEWER)/dist/.built
+OFFLINE_VIEWER_SOURCES := $(addprefix $(OFFLINE_VIEWER)/,index.html viewer.js viewer.css \
+	build.js package.json package-lock.json) $(wildcard $(OFFLINE_VIEWER)/licenses/*)
+
+.PHONY: offline-viewer
+offline-viewer: $(OFFLINE_VIEWER_STAMP)
+
+$(OFFLINE_VIEWER_STAMP): $(OFFLINE_VIEWER_SOURCES)
+	cd $(OFFLINE_VIEWER) && npm ci --no-audit --no-fund --ignore-scripts && node build.js
+	touch $@
+
+run test bench: $(OFFLINE_VIEWER_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

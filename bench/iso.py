@@ -120,6 +120,10 @@ def disc_tree(study_id: int, root: Path) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         if media_file.data is not None:
             target.write_bytes(media_file.data)
+        elif media_file.chunks is not None:  # the DICOMDIR, encoded as it is written
+            with open(target, "wb") as fh:
+                for chunk in media_file.chunks():
+                    fh.write(chunk)
         else:
             os.link(archive_storage().path(media_file.storage_name), target)
     return sum(f.size for f in files)

@@ -1,18 +1,26 @@
 """ZIP download benchmark: a generated ~1 GB CT (2,000 slices of 512x512x16 bits)
-ingested into a throwaway archive, downloaded as ``IMAGES_<Lastname>.zip`` over HTTP from
-our own code under gunicorn, beside ``cp -r`` of the same archived files and Orthanc's
+ingested into a throwaway archive, shared, and downloaded by a recipient as
+``IMAGES_<Lastname>.zip`` over HTTP (``POST /view/download`` in a recipient session, the
+whole product under gunicorn), beside ``cp -r`` of the same archived files and Orthanc's
 ``/studies/<id>/media`` of the same study, in the same run. Also the DICOMDIR of 10,000
-images: ours (from the archive index) beside dcmtk's ``dcmmkdir`` (from the files).
+images: ours (from the archive index) beside dcmtk's ``dcmmkdir`` (from the files), and
+the time to the first byte of their ZIP.
 
 Everything runs on 127.0.0.1 in a throwaway folder: a fresh database (SQLite, or a
-PostgreSQL database created and dropped for the run with ``--postgres``), one gunicorn
-sync worker serving ``dicomgw.media.zip_response``, an Orthanc holding the study. The
-page cache is warm for every contender (the files are read once before timing); the
-rounds alternate which goes first; medians are reported. curl downloads to /dev/null
-and gives time to first byte and throughput; ``cp -r`` copies into /dev/shm when it has
-room, so that neither side waits on the disc's write-back.
+PostgreSQL database created and dropped for the run with ``--postgres``), gunicorn with
+one sync worker serving ``pockethealth.wsgi`` (every app and URL of the product loaded,
+as in production), an Orthanc holding the study. The page cache is warm for every
+contender (the files are read once before timing); our download and ``cp -r`` take
+turns; medians are reported. curl downloads to /dev/null and gives the time to the
+first byte (status line and headers, Content-Length among them) and the throughput;
+``cp -r`` copies into /dev/shm when it has room, so that neither side waits on the
+disc's write-back. Orthanc deflates its ZIP, so its download is cut after
+``--orthanc-seconds`` and its rate taken over that time.
 
-    .venv/bin/python bench/zip.py [--rounds 3] [--slices 2000] [--orthanc-rounds 1]
+Memory is the peak resident set (VmHWM) of the gunicorn worker, each case in a fresh
+worker: a 20-slice CT, the 1 GB CT (every round) and the 10,000 small images.
+
+    .venv/bin/python bench/zip.py [--rounds 3] [--slices 2000] [--orthanc-seconds 20]
                                   [--dicomdir-images 10000] [--postgres URL] [--keep]
 
 The last line printed is one JSON object with the medians."""
@@ -20,6 +28,7 @@ The last line printed is one JSON object with the medians."""
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -32,6 +41,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlencode
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -39,43 +49,8 @@ if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))
 
 CT_SEED = 6000
+SMALL_CT_SEED = 6001
 MB = 1_000_000
-
-
-# --- The server under test: gunicorn imports this file as the module "zip" ------------
-
-def _zip_view(request, study_id: int):
-    from dicomgw.media import family_name, zip_response
-    from dicomgw.models import Study
-
-    studies = Study.objects.filter(pk=study_id).select_related("patient")
-    return zip_response(studies=studies, patient_last_name=family_name(studies[0].patient.name),
-                        include_viewer=False)
-
-
-def _urlpatterns():
-    from django.urls import path
-
-    return [path("zip/<int:study_id>/", _zip_view)]
-
-
-_handler = None
-
-
-def application(environ, start_response):
-    """WSGI entry for gunicorn: the project's settings with this module's one URL."""
-    global _handler, urlpatterns
-    if _handler is None:
-        import django
-        from django.conf import settings
-        from django.core.handlers.wsgi import WSGIHandler
-
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pockethealth.settings")
-        django.setup()
-        urlpatterns = _urlpatterns()
-        settings.ROOT_URLCONF = __name__
-        _handler = WSGIHandler()
-    return _handler(environ, start_response)
 
 
 # --- Helpers shared with bench/iso.py -------------------------------------------------
@@ -143,8 +118,9 @@ def setup_django(work: Path, *, database_url: str | None) -> dict:
     installation in ``work``."""
     env = {**os.environ, "PH_VAR_DIR": str(work / "var"), "CELERY_BROKER_URL": "filesystem://",
            "DJANGO_SETTINGS_MODULE": "pockethealth.settings", "DEBUG": "false",
+           "LOG_LEVEL": "WARNING",
            "DATABASE_URL": database_url or f"sqlite:///{work / 'var' / 'bench.sqlite3'}"}
-    for name in ("STORAGE_ROOT", "SPOOL_DIR", "CACHE_URL"):
+    for name in ("STORAGE_ROOT", "SPOOL_DIR", "CACHE_URL", "SITE_URL"):
         env.pop(name, None)
         os.environ.pop(name, None)
     os.environ.update(env)
@@ -165,20 +141,26 @@ class LoadedStudy:
     facility_id: int
 
 
-def generate_and_ingest(work: Path, *, slices: int, say) -> LoadedStudy:
+def bench_facility(short_name: str):
+    """A facility of its own for each study, so that its archive folder holds only it."""
+    from pockethealth.models import Facility
+
+    return Facility.objects.create(name=f"Benchmark Hospital {short_name}",
+                                   short_name=short_name, time_zone="UTC")
+
+
+def generate_and_ingest(work: Path, *, slices: int, say, seed: int = CT_SEED) -> LoadedStudy:
     """A CT of ``slices`` slices from the demo generator, ingested file by file."""
     from dicomgw.demo import DEMO_STUDIES, iter_ct_study
     from dicomgw.models import IngestSource, Instance
     from dicomgw.services import ingest_file
-    from pockethealth.models import Facility
 
-    facility = Facility.objects.create(name="Benchmark Hospital", short_name="bench",
-                                       time_zone="UTC")
+    facility = bench_facility(f"bench-{seed}")
     ct = next(study for study in DEMO_STUDIES if study.modality == "CT")
     say(f"Generating and ingesting a {slices}-slice CT…")
     started = time.monotonic()
     study_id = None
-    for path in iter_ct_study(work / "gen", ct, seed=CT_SEED, anchor=date(2025, 1, 15),
+    for path in iter_ct_study(work / "gen", ct, seed=seed, anchor=date(2025, 1, 15),
                               slices=slices):
         outcome = ingest_file(facility=facility, path=path, source=IngestSource.DEMO)
         if not outcome.ok:
@@ -201,6 +183,90 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
+# --- A share and its recipient --------------------------------------------------------
+
+
+@dataclass
+class SharedStudy:
+    code: str
+    birth_date: str  # as the recipient types it
+    exam_ids: list[int]
+
+
+def share_study(study_id: int) -> SharedStudy:
+    """Share the study with a recipient (handed to the patient), as a clerk would."""
+    from dicomgw.models import Study
+    from pockethealth.models import StaffUser
+    from sharing.models import Share
+    from sharing.services import Recipient, share_create
+
+    study = Study.objects.select_related("patient", "facility").get(pk=study_id)
+    clerk = StaffUser.objects.create_user(username=f"clerk-{study.facility.short_name}",
+                                          password=uuid.uuid4().hex, facility=study.facility)
+    made = share_create(facility=study.facility, patient_or_identity=study.patient,
+                        studies=[study], recipient=Recipient(method=Share.Method.PATIENT),
+                        created_by=clerk)
+    return SharedStudy(code=made.code, birth_date=study.patient.birth_date.strftime("%Y/%m/%d"),
+                       exam_ids=list(made.share.share_studies.values_list("pk", flat=True)))
+
+
+def _cookies(headers: list[tuple[str, str]]) -> dict[str, str]:
+    found = {}
+    for name, value in headers:
+        if name.lower() == "set-cookie":
+            key, _sep, rest = value.partition("=")
+            found[key.strip()] = rest.split(";")[0]
+    return found
+
+
+@dataclass
+class Recipient:
+    """A recipient's browser: its cookies and CSRF token, after opening the share."""
+
+    port: int
+    cookie: str
+    token: str
+
+    def download_args(self, shared: SharedStudy) -> tuple[str, list[str]]:
+        form = urlencode([("csrfmiddlewaretoken", self.token), ("format", "zip"),
+                          *(("exam", str(exam)) for exam in shared.exam_ids)])
+        return (f"http://127.0.0.1:{self.port}/view/download",
+                ["-H", f"Cookie: {self.cookie}", "--data", form])
+
+
+def open_share(port: int, shared: SharedStudy) -> Recipient:
+    """The form, then the code and date of birth, then the Share Inbox, over HTTP."""
+    import http.client
+
+    from django.conf import settings
+
+    def request(method: str, path: str, body: str | None = None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            conn.close()
+
+    _status, headers, body = request("GET", "/view")
+    csrf = _cookies(headers)["csrftoken"]
+    token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', body).group(1).decode()
+    cookie = f"csrftoken={csrf}"
+    status, headers, _body = request(
+        "POST", "/view", body=urlencode({"csrfmiddlewaretoken": token, "code": shared.code,
+                                         "birth_date": shared.birth_date}),
+        headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+    if status != 303:
+        raise RuntimeError(f"the share did not open: {status}")
+    name = settings.RECIPIENT_SESSION_COOKIE_NAME
+    cookie += f"; {name}={_cookies(headers)[name]}"
+    status, _headers, _body = request("GET", "/view/inbox", headers={"Cookie": cookie})
+    if status != 200:
+        raise RuntimeError(f"the inbox did not open: {status}")
+    return Recipient(port=port, cookie=cookie, token=token)
+
+
 # --- Contenders ------------------------------------------------------------------------
 
 
@@ -215,13 +281,15 @@ class Download:
         return self.bytes / MB / self.seconds
 
 
-def curl(url: str) -> Download:
+def curl(url: str, *extra: str, output: str = "/dev/null", max_seconds: float = 0) -> Download:
+    limit = ["--max-time", str(max_seconds)] if max_seconds else []
     result = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w",
-         "%{http_code} %{time_starttransfer} %{time_total} %{size_download}", url],
+        ["curl", "-sS", "-o", output, *limit, "-w",
+         "%{http_code} %{time_starttransfer} %{time_total} %{size_download}", *extra, url],
         capture_output=True, text=True, timeout=3600)
     code, ttfb, total, size = result.stdout.split()
-    if result.returncode != 0 or code != "200":
+    # curl exits 28 when --max-time cuts the download: expected for Orthanc's.
+    if code != "200" or result.returncode not in ((0, 28) if max_seconds else (0,)):
         raise RuntimeError(f"curl {url}: {code} {result.stderr}")
     return Download(seconds=float(total), ttfb_ms=float(ttfb) * 1000, bytes=int(size))
 
@@ -245,20 +313,24 @@ def copy_tree(source: Path, target: Path) -> float:
 
 
 class Gunicorn:
-    def __init__(self, env: dict, port: int, log_path: Path):
+    """The product (``pockethealth.wsgi``) under gunicorn with one sync worker."""
+
+    def __init__(self, env: dict, log_path: Path):
         self.log = open(log_path, "ab")  # closed in stop()
+        self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-             "--worker-class", "sync", "--timeout", "1800", "--pythonpath", str(BENCH_DIR),
-             "--chdir", str(BASE_DIR), "zip:application"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.port = port
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}",
+             "--workers", "1", "--worker-class", "sync", "--timeout", "1800",
+             "pockethealth.wsgi"],
+            cwd=BASE_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         deadline = time.monotonic() + 60
         while not self.worker_pids():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"gunicorn did not start (see {log_path})")
             time.sleep(0.2)
+        [self.worker] = self.worker_pids()
 
     def worker_pids(self) -> list[int]:
         try:
@@ -276,6 +348,49 @@ class Gunicorn:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+
+
+@dataclass
+class Served:
+    """What one fresh worker did: its downloads and its memory."""
+
+    downloads: list[Download]
+    rss_ready_mb: float  # after the recipient opened the share, before any download
+    peak_mb: float  # VmHWM: the process's peak, start-up included
+
+
+def serve(env: dict, work: Path, shared: SharedStudy, *, times: int,
+          between=None, check: Path | None = None) -> Served:
+    """A fresh worker; the recipient opens the share and downloads its ZIP ``times``
+    times (``between()`` runs after each), the first time into ``check`` when given."""
+    server = Gunicorn(env, work / "gunicorn.log")
+    try:
+        recipient = open_share(server.port, shared)
+        url, extra = recipient.download_args(shared)
+        rss_ready = vm_rss_mb(server.worker)
+        downloads = []
+        for number in range(times):
+            output = str(check) if check is not None and number == 0 else "/dev/null"
+            downloads.append(curl(url, *extra, output=output))
+            if between is not None:
+                between()
+        return Served(downloads=downloads, rss_ready_mb=rss_ready,
+                      peak_mb=vm_hwm_mb(server.worker))
+    finally:
+        server.stop()
+
+
+def check_zip(path: Path, *, images: int) -> None:
+    """The ZIP tests clean and holds the images, DICOMDIR, README.TXT and SHA256SUMS."""
+    tested = subprocess.run(["unzip", "-tq", str(path)], capture_output=True, text=True)
+    if tested.returncode != 0:
+        raise RuntimeError(f"the ZIP does not test clean: {tested.stdout[-500:]}")
+    listing = subprocess.run(["unzip", "-Z1", str(path)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    names = {name.split("/", 1)[1] for name in listing}
+    if not {"DICOMDIR", "README.TXT", "SHA256SUMS"} <= names or sum(
+            1 for n in names if n.startswith("IMAGES/DICOMS/IM")) != images:
+        raise RuntimeError("the ZIP lacks files")
 
 
 def start_orthanc(work: Path):
@@ -344,32 +459,42 @@ def write_small_images(folder: Path, count: int, per_series: int = 500) -> list[
     return paths
 
 
-def dicomdir_rounds(work: Path, count: int, rounds: int,
-                    say) -> tuple[float, float, float, int]:
-    """(ours from the index: plan + DICOMDIR, ours DICOMDIR alone, dcmmkdir) medians, and
-    the id of the study of ``count`` images."""
-    from dicomgw.media import dicomdir_bytes, media_plan
+@dataclass
+class DicomdirTimes:
+    ours: float  # plan (index query) + layout + encoding
+    layout: float  # of which the layout, which precedes the ZIP's first byte
+    encode: float  # of which the encoding, which follows the images in the ZIP
+    dcmmkdir: float
+    study_id: int
+
+
+def dicomdir_rounds(work: Path, count: int, rounds: int, say) -> DicomdirTimes:
+    """Medians of ours (from the index) and dcmmkdir (from the files) over ``count``
+    images, and the id of their study."""
+    from dicomgw.media import Dicomdir, media_plan
     from dicomgw.models import IngestSource, Study
     from dicomgw.services import ingest_file
-    from pockethealth.models import Facility
 
     folder = work / "many"
     say(f"Writing and ingesting {count} small images for the DICOMDIR comparison…")
     paths = write_small_images(folder, count)
-    facility = Facility.objects.create(name="Many", short_name="many", time_zone="UTC")
+    facility = bench_facility("bench-many")
     for path in paths:
         if not ingest_file(facility=facility, path=path, source=IngestSource.DEMO).ok:
             raise RuntimeError("ingest of a small image failed")
     studies = list(Study.objects.filter(facility=facility))
-    ours_total, ours_build, theirs = [], [], []
+    ours, layout, encode, theirs = [], [], [], []
     for _round in range(rounds):
         started = time.perf_counter()
         plan = media_plan(studies=studies)
         planned = time.perf_counter()
-        data = dicomdir_bytes(plan)
-        ours_total.append(time.perf_counter() - started)
-        ours_build.append(time.perf_counter() - planned)
-        if data.count(b"IMAGE ") < count:
+        dicomdir = Dicomdir(plan)
+        laid_out = time.perf_counter()
+        data = b"".join(dicomdir.chunks())
+        ours.append(time.perf_counter() - started)
+        layout.append(laid_out - planned)
+        encode.append(time.perf_counter() - laid_out)
+        if data.count(b"IMAGE ") < count or len(data) != dicomdir.size:
             raise RuntimeError("our DICOMDIR lacks records")
         output = folder / "DICOMDIR"
         output.unlink(missing_ok=True)
@@ -380,22 +505,24 @@ def dicomdir_rounds(work: Path, count: int, rounds: int,
         if result.returncode != 0:
             raise RuntimeError(f"dcmmkdir failed: {result.stderr[-500:]}")
     shutil.rmtree(folder)
-    return median(ours_total), median(ours_build), median(theirs), studies[0].pk
+    return DicomdirTimes(median(ours), median(layout), median(encode), median(theirs),
+                         studies[0].pk)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slices", type=int, default=2000)
-    parser.add_argument("--orthanc-rounds", type=int, default=1,
-                        help="Orthanc compresses its /media ZIP: a round takes minutes")
+    parser.add_argument("--orthanc-seconds", type=float, default=20,
+                        help="cut Orthanc's (deflated) /media download after this many "
+                             "seconds and take its rate over them; 0 waits for all of it")
     parser.add_argument("--dicomdir-images", type=int, default=10_000)
     parser.add_argument("--postgres", metavar="URL", default=os.environ.get("BENCH_POSTGRES"),
                         help="PostgreSQL server (postgres://user@host:port/) to create the "
                              "run's database on; SQLite otherwise")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    for tool in ("curl", "dcmmkdir"):
+    for tool in ("curl", "dcmmkdir", "unzip"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is required")
 
@@ -407,57 +534,47 @@ def main() -> None:
     database_url = database_name = None
     if args.postgres:
         database_url, database_name = create_postgres_database(args.postgres)
-    server = orthanc = copy_to = None
+    orthanc = copy_to = None
     try:
         env = setup_django(work, database_url=database_url)
+        small = generate_and_ingest(work, slices=20, say=say, seed=SMALL_CT_SEED)
         study = generate_and_ingest(work, slices=args.slices, say=say)
         from django.conf import settings
 
         archive_dir = Path(settings.STORAGES["archive"]["OPTIONS"]["location"]) / str(
             study.facility_id)
 
-        port = free_port()
-        server = Gunicorn(env, port, work / "gunicorn.log")
-        [worker] = server.worker_pids()
-        url = f"http://127.0.0.1:{port}/zip/{study.study_id}/"
-        say(f"Checking the ZIP ({worker=})…")
+        say("A fresh worker downloads the ZIP of the 20-slice CT…")
+        small_served = serve(env, work, share_study(small.study_id), times=1)
+
+        copies: list[float] = []
+        copy_to = copy_target(work, study.bytes)
+        warm(study.files)
+
+        def copy_once() -> None:
+            copies.append(copy_tree(archive_dir, copy_to))
+
         check = work / "check.zip"
-        subprocess.run(["curl", "-sS", "-o", str(check), url], check=True)
-        tested = subprocess.run(["unzip", "-tq", str(check)], capture_output=True, text=True)
-        if tested.returncode != 0:
-            raise RuntimeError(f"the ZIP does not test clean: {tested.stdout[-500:]}")
+        say(f"A fresh worker downloads the ZIP of the {args.slices}-slice CT: a check, then "
+            f"{args.rounds} rounds beside cp -r…")
+        served = serve(env, work, share_study(study.study_id), times=args.rounds + 1,
+                       between=copy_once, check=check)
+        check_zip(check, images=len(study.files))
         zip_bytes = check.stat().st_size
         check.unlink()
-        rss_before = vm_rss_mb(worker)
-        reset_peak(worker)
+        ours = served.downloads[1:]
+        copies = copies[1:]
 
         say("Loading the study into Orthanc…")
         orthanc_config, orthanc = start_orthanc(work)
         orthanc_study = orthanc_upload(orthanc_config, study.files)
-        media_url = f"http://127.0.0.1:{orthanc_config.http_port}/studies/{orthanc_study}/media"
+        orthanc_run = curl(f"http://127.0.0.1:{orthanc_config.http_port}/studies/"
+                           f"{orthanc_study}/media", max_seconds=args.orthanc_seconds)
 
-        ours: list[Download] = []
-        copies: list[float] = []
-        copy_to = copy_target(work, study.bytes)
-        warm(study.files)
-        for round_number in range(args.rounds):
-            say(f"Round {round_number + 1}/{args.rounds}")
-            contenders = ["ours", "cp"] if round_number % 2 == 0 else ["cp", "ours"]
-            for contender in contenders:
-                if contender == "ours":
-                    ours.append(curl(url))
-                else:
-                    copies.append(copy_tree(archive_dir, copy_to))
-        orthanc_runs = [curl(media_url) for _ in range(args.orthanc_rounds)]
-
-        dicomdir_ours, dicomdir_build, dicomdir_dcmtk, many_study = dicomdir_rounds(
-            work, args.dicomdir_images, args.rounds, say)
-        many_url = f"http://127.0.0.1:{port}/zip/{many_study}/"
-        many = [curl(many_url) for _ in range(args.rounds)]
-        peak_rss = vm_hwm_mb(worker)
+        dicomdir = dicomdir_rounds(work, args.dicomdir_images, args.rounds, say)
+        say(f"A fresh worker downloads the ZIP of the {args.dicomdir_images} small images…")
+        many_served = serve(env, work, share_study(dicomdir.study_id), times=args.rounds)
     finally:
-        if server is not None:
-            server.stop()
         if orthanc is not None:
             from dicomgw.demopacs import stop_process
 
@@ -471,40 +588,54 @@ def main() -> None:
 
     ours_mb_s = median([d.mb_s for d in ours])
     cp_mb_s = median([study.bytes / MB / s for s in copies])
-    orthanc_mb_s = median([d.mb_s for d in orthanc_runs])
     ttfb = median([d.ttfb_ms for d in ours])
+    many_ttfb = median([d.ttfb_ms for d in many_served.downloads])
     rows = [
         ("ours: ZIP over HTTP (gunicorn, curl)", f"{ours_mb_s:8.0f}",
          ", ".join(f"{d.mb_s:.0f}" for d in ours)),
         (f"cp -r of the archived files (to {copy_to.parent.parent})", f"{cp_mb_s:8.0f}",
          ", ".join(f"{study.bytes / MB / s:.0f}" for s in copies)),
-        ("Orthanc /studies/<id>/media", f"{orthanc_mb_s:8.1f}",
-         ", ".join(f"{d.mb_s:.1f}" for d in orthanc_runs)),
+        (f"Orthanc /studies/<id>/media ({orthanc_run.seconds:.0f} s)",
+         f"{orthanc_run.mb_s:8.1f}", f"first byte after {orthanc_run.ttfb_ms:.0f} ms"),
     ]
     print()
     print(f"Study: {len(study.files)} files, {study.bytes / MB:.0f} MB; ZIP {zip_bytes / MB:.0f} MB"
           f" (MB = 10^6 bytes)")
-    print(f"{'contender':40} {'MB/s':>8}  rounds")
+    print(f"{'contender':48} {'MB/s':>8}  rounds")
     for name, value, each in rows:
-        print(f"{name:40} {value}  {each}")
-    print(f"ours / cp -r: {ours_mb_s / cp_mb_s:.2f}x; time to first byte (median): {ttfb:.1f} ms"
-          f" ({', '.join(f'{d.ttfb_ms:.1f}' for d in ours)})")
-    many_ttfb = median([d.ttfb_ms for d in many])
-    print(f"time to first byte of the ZIP of the {args.dicomdir_images} small images: "
-          f"{many_ttfb:.1f} ms ({', '.join(f'{d.ttfb_ms:.1f}' for d in many)})")
-    print(f"server worker RSS: {rss_before:.0f} MB after its first download, peak "
-          f"{peak_rss:.0f} MB over every download (the process as a whole: Django and every "
-          f"app)")
-    print(f"DICOMDIR of {args.dicomdir_images} images: ours {dicomdir_ours:.3f} s (index query "
-          f"and records; records alone {dicomdir_build:.3f} s), dcmmkdir {dicomdir_dcmtk:.3f} s")
+        print(f"{name:48} {value}  {each}")
+    print(f"ours / cp -r: {ours_mb_s / cp_mb_s:.2f}x")
+    print()
+    print(f"{'ours, a fresh worker each':32} {'images':>7} {'MB':>7} {'first byte ms':>14} "
+          f"{'RSS ready MB':>13} {'peak RSS MB':>12}")
+    for name, images, size, case in (
+            ("20-slice CT", len(small.files), small.bytes, small_served),
+            (f"{args.slices}-slice CT", len(study.files), study.bytes, served),
+            (f"{args.dicomdir_images} small images", args.dicomdir_images, None, many_served)):
+        firsts = ", ".join(f"{d.ttfb_ms:.1f}" for d in case.downloads)
+        megabytes = f"{size / MB:7.0f}" if size else f"{case.downloads[0].bytes / MB:7.0f}"
+        print(f"{name:32} {images:>7} {megabytes} {firsts:>14} {case.rss_ready_mb:13.0f} "
+              f"{case.peak_mb:12.0f}")
+    print("(first byte: curl's time to the status line and headers of POST /view/download; "
+          "RSS ready: the worker after the recipient opened the share; peak: VmHWM of the "
+          "worker over its whole life)")
+    print()
+    per_image = dicomdir.ours / args.dicomdir_images * 1e6
+    print(f"DICOMDIR of {args.dicomdir_images} images: ours {dicomdir.ours:.3f} s "
+          f"({per_image:.1f} µs per image: index query and plan, then layout "
+          f"{dicomdir.layout:.3f} s, encoding {dicomdir.encode:.3f} s), dcmmkdir "
+          f"{dicomdir.dcmmkdir:.3f} s ({dicomdir.dcmmkdir / dicomdir.ours:.0f}x ours)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(json.dumps({
         "bench": "zip", "unit": "MB/s", "ours": round(ours_mb_s, 1), "peer": round(cp_mb_s, 1),
         "peer_name": "cp -r", "ratio": round(ours_mb_s / cp_mb_s, 3),
         "ttfb_ms": round(ttfb, 1), "ttfb_10k_ms": round(many_ttfb, 1),
-        "peak_rss_mb": round(peak_rss, 1),
-        "orthanc_media_mb_s": round(orthanc_mb_s, 2),
-        "dicomdir_10k_s": round(dicomdir_ours, 3), "dcmmkdir_10k_s": round(dicomdir_dcmtk, 3),
+        "peak_rss_mb": round(max(small_served.peak_mb, served.peak_mb, many_served.peak_mb), 1),
+        "peak_rss_small_mb": round(small_served.peak_mb, 1),
+        "peak_rss_large_mb": round(served.peak_mb, 1),
+        "peak_rss_10k_mb": round(many_served.peak_mb, 1),
+        "orthanc_media_mb_s": round(orthanc_run.mb_s, 2),
+        "dicomdir_10k_s": round(dicomdir.ours, 3), "dcmmkdir_10k_s": round(dicomdir.dcmmkdir, 3),
     }))
 
 

@@ -45,10 +45,13 @@ from pynetdicom.sop_class import (
 )
 
 from .models import IngestSource, Instance, PacsNode
-from .services import DicomGatewayError, ingest_file
+from .services import DicomGatewayError, ingest_file, quiet_pydicom_reading
 
 log = logging.getLogger(__name__)
 
+# The identifiers of C-FIND responses are read with pydicom: quietly (see
+# ``quiet_pydicom_reading``).
+quiet_pydicom_reading()
 # pynetdicom's "standard" handlers log every PDU and DIMSE message, identifiers (names,
 # IDs, birth dates) included, and cost CPU on every fragment of every image; the
 # gateway logs its own outcomes, without PHI.
@@ -751,11 +754,17 @@ def _accepted(assoc, sop_class: str, syntax: str) -> PresentationContext | None:
 
 
 def store(node: PacsNode, *, instances: Iterable[Instance],
-          on_result: Callable[[Instance, int | None, str, str], None] | None = None) -> dict:
+          on_result: Callable[[Instance, int | None, str, str], None] | None = None,
+          prepare: Callable[[Instance, Path], contextlib.AbstractContextManager[Path]]
+          | None = None) -> dict:
     """C-STORE archived instances to ``node`` (PS3.4 Annex B), each in its original
     transfer syntax when the PACS accepts it, the stored bytes sent as they are. An
     uncompressed file the PACS takes only in another native syntax is re-encoded to
     it; a compressed one the PACS refuses is not converted, it fails.
+
+    ``prepare(instance, path)``, when given, yields the file to send in place of the
+    archived file at ``path`` (a copy with some elements changed, in the same transfer
+    syntax); the archived file itself is never written to.
 
     ``on_result(instance, status, outcome, detail)`` is called for every instance
     attempted (outcome "success", "warning" or "failure"). Returns the counts per
@@ -776,7 +785,8 @@ def store(node: PacsNode, *, instances: Iterable[Instance],
             for number, (instance, sop_class, syntax) in enumerate(batch):
                 # Message IDs are 1-65535 (PS3.7 9.1.1.1: US, unique per association).
                 status, detail = _store_one(node, assoc, instance, sop_class, syntax,
-                                            message_id=number % 65535 + 1)
+                                            message_id=number % 65535 + 1,
+                                            prepare=prepare)
                 report(instance, status, detail)
                 if status is None and not assoc.is_established:
                     raise DimseError(
@@ -786,7 +796,7 @@ def store(node: PacsNode, *, instances: Iterable[Instance],
 
 
 def _store_one(node, assoc, instance: Instance, sop_class: str, syntax: str, *,
-               message_id: int) -> tuple[int | None, str]:
+               message_id: int, prepare=None) -> tuple[int | None, str]:
     exact = _accepted(assoc, sop_class, syntax)
     native = None
     if exact is None and syntax in UNCOMPRESSED:
@@ -797,7 +807,10 @@ def _store_one(node, assoc, instance: Instance, sop_class: str, syntax: str, *,
                       f"({sop_class}) in its transfer syntax ({syntax})")
     started = time.monotonic()
     try:
-        with _local_path(instance) as path:
+        with contextlib.ExitStack() as stack:
+            path = stack.enter_context(_local_path(instance))
+            if prepare is not None:
+                path = stack.enter_context(prepare(instance, path))
             if exact is not None:
                 response = assoc.send_c_store(path, msg_id=message_id)
             else:

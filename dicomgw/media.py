@@ -5,17 +5,20 @@ index: patients, studies, series and instances in order, each instance with its 
 ID (``IMAGES/DICOMS/IM1``…), its size and its SHA-256. Everything after that is
 written from the plan without asking the database again:
 
-- the DICOMDIR (PS3.10 7.2, PS3.3 Annex F), encoded here in one linear pass; pydicom's
+- the DICOMDIR (PS3.10 7.2, PS3.3 Annex F), laid out in one linear pass that gives its
+  size, then encoded record by record as it is written (``Dicomdir``); pydicom's
   ``FileSet`` does the same job in quadratic time;
 - a ZIP streamed with zipstream-ng in STORE mode, its length known before the first
-  byte (``zip_response``);
+  byte, the images first and the DICOMDIR after them (``zip_response``);
 - an ISO 9660 image with Joliet names, laid out as IHE PDI asks of media (RAD-47,
   "Distribute Imaging Information on Media"), written by a Celery task into storage with
   progress on a ``MediaJob`` row (``iso_job_start``, ``iso_build``), served by
   ``dicomgw.media_views`` and removed when it expires (``media_jobs_purge``).
 
 The DICOM files themselves are copied byte for byte from the archive: nothing here
-opens an image to change it."""
+opens an image to change it. pydicom is imported only to read the header of a file
+whose record needs more than the index holds (a report, a waveform, a study without a
+date): a web process streaming ZIPs of images never loads it, nor numpy."""
 
 import contextlib
 import datetime
@@ -45,22 +48,11 @@ from django.http import StreamingHttpResponse
 from django.template.loader import render_to_string
 from django.utils import timezone, translation
 from django.utils.translation import gettext as _
-from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.fileset import DIRECTORY_RECORDERS
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
-    MediaStorageDirectoryStorage,
-    generate_uid,
-)
 from zipstream import ZIP_STORED, ZipStream
 from zipstream.ng import ZIP64_ESTIMATE_FACTOR
 
 from .models import Instance, MediaJob, Patient, Series, Study, archive_storage
-from .services import DicomGatewayError
+from .services import DicomGatewayError, quiet_pydicom_reading
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +118,7 @@ class PlannedInstance:
     # As a MediaFile: the bytes come from the archive.
     data = None
     local_path = None
+    chunks = None
 
     @property
     def file_id(self) -> tuple[str, ...]:
@@ -205,11 +198,26 @@ class MediaPlan:
     def file_set_uid(self) -> str:
         """A UID for the file-set that depends only on its instances, so the same
         selection gives the same DICOMDIR, byte for byte."""
-        digest = hashlib.sha256()
-        for instance in self.instances:
-            digest.update(instance.sop_instance_uid.encode())
-            digest.update(b"/")
-        return generate_uid(entropy_srcs=["media file-set", digest.hexdigest()])
+        uids = "".join([f"{instance.sop_instance_uid}/" for instance in self.instances])
+        return derived_uid("media file-set", hashlib.sha256(uids.encode()).hexdigest())
+
+
+# The root under which the file-set UIDs are derived, and the Implementation Class UID of
+# the DICOMDIR's File Meta Information (PS3.10 7.1): pydicom's, so that the DICOMDIR is
+# byte for byte what pydicom writes for the same keys (the tests hold it to that).
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"
+IMPLEMENTATION_VERSION_NAME = "PH_MEDIA_1"
+MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+def derived_uid(*sources: str) -> str:
+    """A UID under UID_ROOT that the same ``sources`` always give (the digits of their
+    SHA-512, cut to the 64 characters of PS3.5 9.1), as pydicom's ``generate_uid`` with
+    ``entropy_srcs`` derives one."""
+    digest = hashlib.sha512("".join(sources).encode("utf-8")).hexdigest()
+    return f"{UID_ROOT}{int(digest, 16)}"[:64]
 
 
 # PS3.3 F.5.2 makes Study Date and Time type 1. When neither the index nor the file
@@ -242,14 +250,27 @@ def media_plan(*, studies: Iterable[Study]) -> MediaPlan:
         pk__in={s.patient_id for s in study_rows})}
     series_rows = list(Series.objects.filter(study_id__in=study_pks).values_list(
         "pk", "study_id", "series_instance_uid", "modality", "series_number", "description"))
-    by_series: dict[int, list[tuple]] = {}
-    for row in Instance.objects.filter(series__study_id__in=study_pks).values_list(
-            "pk", "series_id", "file", "size", "sha256", "sop_class_uid", "sop_instance_uid",
-            "transfer_syntax_uid", "instance_number").iterator(chunk_size=5000):
-        by_series.setdefault(row[1], []).append(row)
+    # One query in media order within each series (an index scan on the series), read
+    # in chunks and turned into the plan's objects as it comes; a SOP class or transfer
+    # syntax UID is kept once however many instances share it.
+    by_series: dict[int, list[PlannedInstance]] = {}
+    shared: dict[str, str] = {}
+    rows = (Instance.objects.filter(series__study_id__in=study_pks)
+            .order_by("series_id", F("instance_number").asc(nulls_last=True), "pk")
+            .values_list("pk", "series_id", "file", "size", "sha256", "sop_class_uid",
+                         "sop_instance_uid", "transfer_syntax_uid", "instance_number"))
+    for (instance_pk, series_pk, name, size, sha256, sop_class, sop_instance, syntax,
+         instance_number) in rows.iterator(chunk_size=5000):
+        planned = by_series.get(series_pk)
+        if planned is None:
+            planned = by_series[series_pk] = []
+        # Numbered (its path) below, once the patients are in order.
+        planned.append(PlannedInstance(
+            instance_pk, name, size, sha256, shared.setdefault(sop_class, sop_class),
+            sop_instance, shared.setdefault(syntax, syntax), instance_number))
     if not by_series:
         raise MediaError(_("the studies hold no images yet"))
-    total = sum(len(rows) for rows in by_series.values())
+    total = sum(len(planned) for planned in by_series.values())
     if total > MAX_INSTANCES:
         raise MediaError(_("more than %(count)s images do not fit on one disc or ZIP")
                          % {"count": MAX_INSTANCES})
@@ -294,16 +315,11 @@ def media_plan(*, studies: Iterable[Study]) -> MediaPlan:
                 series_instance_uid=uid, modality=_cs(modality) or "OT",
                 series_number=number, description=description)
             planned_study.series.append(planned_series)
-            rows = sorted(by_series[pk], key=lambda r: (r[8] is None, r[8] or 0, r[0]))
-            next_number = _after_highest(r[8] for r in rows)
-            for (instance_pk, _series, name, size, sha256, sop_class, sop_instance, syntax,
-                 instance_number) in rows:
-                if instance_number is None:
-                    instance_number, next_number = next_number, next_number + 1
-                # Numbered (its path) below, once the patients are in order.
-                planned_series.instances.append(PlannedInstance(
-                    instance_pk, name, size, sha256, sop_class, sop_instance, syntax,
-                    instance_number))
+            planned_series.instances = by_series[pk]
+            next_number = _after_highest(i.instance_number for i in planned_series.instances)
+            for instance in planned_series.instances:  # those without come last
+                if instance.instance_number is None:
+                    instance.instance_number, next_number = next_number, next_number + 1
         if not planned_study.date:
             planned_study.date, fallback_time = _date_from_file(
                 planned_study.series[0].instances[0].storage_name)
@@ -342,6 +358,9 @@ def _cs(value: str) -> str:
 def _date_from_file(storage_name: str) -> tuple[str, str]:
     """A study date and time read from one of its images, for a study the index has no
     date for; (19000101, "") when the file has none either."""
+    from pydicom import dcmread
+
+    quiet_pydicom_reading()
     tags = [tag for pair in FALLBACK_DATE_TAGS for tag in pair]
     try:
         with archive_storage().open(storage_name, "rb") as fh:
@@ -360,10 +379,12 @@ def _date_from_file(storage_name: str) -> tuple[str, str]:
 # --- The DICOMDIR --------------------------------------------------------------------
 #
 # The Basic Directory IOD (PS3.3 F.3) is written in Explicit VR Little Endian (PS3.10
-# 8.6) in two passes: every directory record is encoded once with its three offsets
-# at zero and its length measured, then the offsets are known and written into the
-# encoded records in place. An offset is a 4-byte UL, so filling it in changes no
-# length: the whole job is linear in the number of records.
+# 8.6). ``Dicomdir`` lays it out first: every record's length is known from its keys
+# (the few PATIENT, STUDY and SERIES records are encoded then, an IMAGE record is
+# counted from its parts), so the file's size and every offset follow without writing
+# anything. The records are then encoded one after another as the file is read, each
+# with its offsets filled in: the whole job is linear in the number of records, and
+# nothing per image is held but the plan.
 #
 # Records of the common kinds (PATIENT, STUDY, SERIES, IMAGE) are encoded by the small
 # encoder below, which the tests hold to pydicom's encoding of the same Dataset; other
@@ -373,10 +394,14 @@ def _date_from_file(storage_name: str) -> tuple[str, str]:
 ITEM = (0xFFFE, 0xE000)
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                       b"UR", b"UT", b"UV"})
-# Where the offsets sit in an encoded record: after the 8-byte item header, (0004,1400)
-# UL is 8 + 4 bytes, (0004,1410) US 8 + 2, then (0004,1420) UL.
-NEXT_OFFSET_AT = 8 + 8
-LOWER_OFFSET_AT = 8 + 12 + 10 + 8
+# A record begins with its item header, then (0004,1400) UL the offset of the next
+# record, (0004,1410) US the in-use flag, (0004,1420) UL the offset of the first record
+# of the level below (PS3.3 F.3.2.2): three numbers between constant bytes.
+RECORD_START = struct.Struct("<4sL8sL18sL")
+ITEM_TAG = struct.pack("<HH", *ITEM)
+NEXT_OFFSET_HEAD = struct.pack("<HH2sH", 0x0004, 0x1400, b"UL", 4)
+IN_USE_AND_LOWER_OFFSET_HEAD = (struct.pack("<HH2sHH", 0x0004, 0x1410, b"US", 2, 0xFFFF)
+                                + struct.pack("<HH2sH", 0x0004, 0x1420, b"UL", 4))
 FILE_SET_ID = "IMAGES"
 
 
@@ -394,9 +419,13 @@ def _ul(group: int, element: int, value: int) -> bytes:
     return _element(group, element, b"UL", struct.pack("<L", value))
 
 
-RECORD_HEAD = (_ul(0x0004, 0x1400, 0)
-               + _element(0x0004, 0x1410, b"US", struct.pack("<H", 0xFFFF))  # in use
-               + _ul(0x0004, 0x1420, 0))
+def _record_start(content_length: int, next_offset: int, lower_offset: int) -> bytes:
+    return RECORD_START.pack(ITEM_TAG, content_length, NEXT_OFFSET_HEAD, next_offset,
+                             IN_USE_AND_LOWER_OFFSET_HEAD, lower_offset)
+
+
+# What follows the item header in a record's first three elements.
+RECORD_HEAD_LENGTH = RECORD_START.size - 8
 RECORD_TYPES = {}
 
 
@@ -409,8 +438,14 @@ def _record_type_element(record_type: str) -> bytes:
 
 
 def _record(record_type: str, body: bytes) -> bytes:
-    content = RECORD_HEAD + _record_type_element(record_type) + body
-    return struct.pack("<HHL", *ITEM, len(content)) + content
+    content = _record_type_element(record_type) + body
+    return _record_start(RECORD_HEAD_LENGTH + len(content), 0, 0) + content
+
+
+def _linked(record: bytes, next_offset: int, lower_offset: int) -> bytes:
+    """An encoded record with its offsets set (an offset is a 4-byte UL, so no length
+    changes)."""
+    return _record_start(len(record) - 8, next_offset, lower_offset) + record[RECORD_START.size:]
 
 
 # The character sets a record may declare (PS3.3 C.12.1.1.2), tried in this order.
@@ -509,18 +544,26 @@ def _referenced_file(instance: PlannedInstance) -> bytes:
             + _shared_uid_element(0x1512, instance.transfer_syntax_uid))
 
 
-IMAGE_RECORD_HEAD = RECORD_HEAD + _record_type_element("IMAGE")
+IMAGE_TYPE = _record_type_element("IMAGE")
 FILE_ID_TAG = struct.pack("<HH2s", 0x0004, 0x1500, b"CS")
 SOP_INSTANCE_TAG = struct.pack("<HH2s", 0x0004, 0x1511, b"UI")
 INSTANCE_NUMBER_TAG = struct.pack("<HH2s", 0x0020, 0x0013, b"IS")
-_pack_item = struct.Struct("<HHL").pack
+# An IMAGE record without its values: its start, type and the headers of its File ID,
+# SOP Instance UID and Instance Number elements.
+IMAGE_RECORD_FIXED = RECORD_START.size + len(IMAGE_TYPE) + 3 * 8
 _pack_length = struct.Struct("<H").pack
 
 
-def image_record(instance: PlannedInstance) -> bytes:
+def _even(length: int) -> int:
+    return length + (length & 1)
+
+
+def image_record(instance: PlannedInstance, *, at: int = 0, last: bool = True) -> bytes:
     """PS3.3 F.5.4: Instance Number (1). The one record there is thousands of, so it is
     put together from its parts in one go (the same bytes as ``_record`` and
-    ``_referenced_file`` would give, which the tests check against pydicom)."""
+    ``_referenced_file`` would give, which the tests check against pydicom). Unless it
+    is the ``last`` of its series, the next record follows it: starting ``at`` an
+    offset, it points there."""
     file_id = instance.path.replace("/", "\\").encode()
     if len(file_id) & 1:
         file_id += b" "
@@ -530,15 +573,33 @@ def image_record(instance: PlannedInstance) -> bytes:
     number = str(instance.instance_number).encode()
     if len(number) & 1:
         number += b" "
-    body = b"".join((
-        IMAGE_RECORD_HEAD,
+    sop_class = _shared_uid_element(0x1510, instance.sop_class_uid)
+    syntax = _shared_uid_element(0x1512, instance.transfer_syntax_uid)
+    length = (IMAGE_RECORD_FIXED + len(file_id) + len(sop_class) + len(uid) + len(syntax)
+              + len(number))
+    return b"".join((
+        _record_start(length - 8, 0 if last else at + length, 0),
+        IMAGE_TYPE,
         FILE_ID_TAG, _pack_length(len(file_id)), file_id,
-        _shared_uid_element(0x1510, instance.sop_class_uid),
+        sop_class,
         SOP_INSTANCE_TAG, _pack_length(len(uid)), uid,
-        _shared_uid_element(0x1512, instance.transfer_syntax_uid),
+        syntax,
         INSTANCE_NUMBER_TAG, _pack_length(len(number)), number,
     ))
-    return _pack_item(*ITEM, len(body)) + body
+
+
+@functools.lru_cache(maxsize=256)
+def _image_record_base(sop_class_uid: str, transfer_syntax_uid: str) -> int:
+    """The length of an IMAGE record less its three values of its own."""
+    return (IMAGE_RECORD_FIXED + len(_shared_uid_element(0x1510, sop_class_uid))
+            + len(_shared_uid_element(0x1512, transfer_syntax_uid)))
+
+
+def image_record_length(instance: PlannedInstance) -> int:
+    """The length of ``image_record(instance)``, counted without encoding it."""
+    return (_image_record_base(instance.sop_class_uid, instance.transfer_syntax_uid)
+            + _even(len(instance.path)) + _even(len(instance.sop_instance_uid))
+            + _even(len(str(instance.instance_number))))
 
 
 # The leaf record of the SOP classes that are not images (PS3.3 F.4, F.5; PS3.4 B.5).
@@ -602,6 +663,12 @@ def leaf_record(instance: PlannedInstance) -> bytes:
     record_type = leaf_record_type(instance.sop_class_uid)
     if record_type == "IMAGE":
         return image_record(instance)
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.fileset import DIRECTORY_RECORDERS
+    from pydicom.filewriter import write_dataset
+
+    quiet_pydicom_reading()
     try:
         with archive_storage().open(instance.storage_name, "rb") as fh:
             ds = dcmread(fh, stop_before_pixels=True)
@@ -621,87 +688,121 @@ def leaf_record(instance: PlannedInstance) -> bytes:
         return image_record(instance)
 
 
+class Dicomdir:
+    """The DICOMDIR file (PS3.10 7.2, Basic Directory IOD PS3.3 F.3) of a plan: one
+    PATIENT → STUDY → SERIES → leaf hierarchy, records depth-first.
+
+    Made, it knows its ``size``; ``chunks()`` then encodes it in order, a few dozen
+    kilobytes at a time. PS3.3 F.3.2.1: offsets count from the first byte of the file
+    (the preamble's), and 0 means "none". Depth-first, a record's first child is the
+    record right after it, and its next sibling comes after everything below it."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, plan: MediaPlan):
+        self.plan = plan
+        # Encoded now: PATIENT, STUDY and SERIES records, and leaf records other than
+        # IMAGE (they need the file's header); with the length of each container's
+        # records and everything below them. Keyed by id() of the planned object.
+        self._encoded: dict[int, bytes] = {}
+        self._extent: dict[int, int] = {}
+        records_length = sum(self._lay_out(patient, patient_record(patient), (
+            (study, study_record(study), (
+                (series, series_record(series), None) for series in study.series))
+            for study in patient.studies)) for patient in plan.patients)
+        head = (_file_meta(plan.file_set_uid)
+                + _element(0x0004, 0x1130, b"CS", FILE_SET_ID.encode()))
+        # Then (0004,1200) and (0004,1202) UL, the first and last record of the root
+        # directory entity; (0004,1212) US, consistent; (0004,1220) SQ, the records.
+        header_length = len(head) + 12 + 12 + 10 + 12
+        first = last = 0
+        if plan.patients:
+            first = header_length
+            last = header_length + records_length - self._extent[id(plan.patients[-1])]
+        self.header = (head + _ul(0x0004, 0x1200, first) + _ul(0x0004, 0x1202, last)
+                       + _element(0x0004, 0x1212, b"US", struct.pack("<H", 0))
+                       + struct.pack("<HH2s2xL", 0x0004, 0x1220, b"SQ", records_length))
+        self.size = header_length + records_length
+
+    def _lay_out(self, node, record: bytes, children) -> int:
+        """Keep ``node``'s encoded record and return the length of it and everything
+        below it; ``children`` is None for a series, whose leaves are counted."""
+        self._encoded[id(node)] = record
+        extent = len(record)
+        if children is None:
+            for instance in node.instances:
+                if leaf_record_type(instance.sop_class_uid) == "IMAGE":
+                    extent += image_record_length(instance)
+                else:
+                    leaf = self._encoded[id(instance)] = leaf_record(instance)
+                    extent += len(leaf)
+        else:
+            extent += sum(self._lay_out(child, child_record, grandchildren)
+                          for child, child_record, grandchildren in children)
+        self._extent[id(node)] = extent
+        return extent
+
+    def chunks(self) -> Iterator[bytes]:
+        position = len(self.header)
+        pending = [self.header]
+        pending_size = position
+
+        def container(node, last: bool) -> bytes:
+            record = self._encoded[id(node)]
+            following = 0 if last else position + self._extent[id(node)]
+            return _linked(record, following, position + len(record))
+
+        patients = self.plan.patients
+        for p_index, patient in enumerate(patients):
+            for s_index, study in enumerate(patient.studies):
+                for r_index, series in enumerate(study.series):
+                    records = []
+                    if r_index == 0:
+                        if s_index == 0:
+                            records.append(container(patient, p_index == len(patients) - 1))
+                            position += len(records[-1])
+                        records.append(container(study, s_index == len(patient.studies) - 1))
+                        position += len(records[-1])
+                    records.append(container(series, r_index == len(study.series) - 1))
+                    position += len(records[-1])
+                    pending.extend(records)
+                    pending_size += sum(len(r) for r in records)
+                    last_leaf = len(series.instances) - 1
+                    for i_index, instance in enumerate(series.instances):
+                        leaf = self._encoded.get(id(instance))
+                        if leaf is None:
+                            leaf = image_record(instance, at=position,
+                                                last=i_index == last_leaf)
+                        elif i_index != last_leaf:
+                            leaf = _linked(leaf, position + len(leaf), 0)
+                        position += len(leaf)
+                        pending.append(leaf)
+                        pending_size += len(leaf)
+                        if pending_size >= self.CHUNK:
+                            yield b"".join(pending)
+                            pending, pending_size = [], 0
+        if position != self.size:  # the layout and the encoding disagree
+            raise MediaError(_("the disc index could not be written"))
+        if pending:
+            yield b"".join(pending)
+
+
+def _file_meta(file_set_uid: str) -> bytes:
+    """The preamble, "DICM" and the File Meta Information of a DICOMDIR (PS3.10 7.1)."""
+    elements = b"".join((
+        _element(0x0002, 0x0001, b"OB", b"\0\1"),  # File Meta Information Version
+        _element(0x0002, 0x0002, b"UI", MEDIA_STORAGE_DIRECTORY_STORAGE.encode()),
+        _element(0x0002, 0x0003, b"UI", file_set_uid.encode()),
+        _element(0x0002, 0x0010, b"UI", EXPLICIT_VR_LITTLE_ENDIAN.encode()),
+        _element(0x0002, 0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        _element(0x0002, 0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode()),
+    ))
+    return b"\0" * 128 + b"DICM" + _ul(0x0002, 0x0000, len(elements)) + elements
+
+
 def dicomdir_bytes(plan: MediaPlan) -> bytes:
-    """The DICOMDIR file (PS3.10 7.2, Basic Directory IOD PS3.3 F.3) of ``plan``: one
-    PATIENT → STUDY → SERIES → leaf hierarchy, records depth-first."""
-    records: list[bytes] = []
-    # (index of the record, index of its next sibling or None, of its first child or None)
-    links: list[list[int | None]] = []
-
-    def add(record: bytes) -> int:
-        records.append(record)
-        links.append([None, None])
-        return len(records) - 1
-
-    def chain(parent: int | None, previous: int | None, child: int) -> None:
-        if previous is not None:
-            links[previous][0] = child
-        elif parent is not None:
-            links[parent][1] = child
-
-    root_records = []
-    previous_patient = None
-    for patient in plan.patients:
-        patient_index = add(patient_record(patient))
-        chain(None, previous_patient, patient_index)
-        root_records.append(patient_index)
-        previous_patient, previous_study = patient_index, None
-        for study in patient.studies:
-            study_index = add(study_record(study))
-            chain(patient_index, previous_study, study_index)
-            previous_study, previous_series = study_index, None
-            for series in study.series:
-                series_index = add(series_record(series))
-                chain(study_index, previous_series, series_index)
-                previous_series, previous_leaf = series_index, None
-                for instance in series.instances:
-                    leaf_index = add(leaf_record(instance))
-                    chain(series_index, previous_leaf, leaf_index)
-                    previous_leaf = leaf_index
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
-    meta.MediaStorageSOPInstanceUID = plan.file_set_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "PH_MEDIA_1"
-    head = DicomBytesIO()
-    head.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    sequence_length = sum(len(record) for record in records)
-    header = bytearray(
-        head.getvalue()
-        + _element(0x0004, 0x1130, b"CS", FILE_SET_ID.encode())
-        + _ul(0x0004, 0x1200, 0)  # first record of the root directory entity
-        + _ul(0x0004, 0x1202, 0)  # last record of the root directory entity
-        + _element(0x0004, 0x1212, b"US", struct.pack("<H", 0))  # consistent
-        + struct.pack("<HH2s2xL", 0x0004, 0x1220, b"SQ", sequence_length))
-
-    # Pass two. PS3.3 F.3.2.1: offsets count from the first byte of the file (the
-    # preamble's), and 0 means "none".
-    offsets = []
-    position = len(header)
-    for record in records:
-        offsets.append(position)
-        position += len(record)
-    first_at = header.find(struct.pack("<HH2sH", 0x0004, 0x1200, b"UL", 4)) + 8
-    last_at = header.find(struct.pack("<HH2sH", 0x0004, 0x1202, b"UL", 4)) + 8
-    if root_records:
-        struct.pack_into("<L", header, first_at, offsets[root_records[0]])
-        struct.pack_into("<L", header, last_at, offsets[root_records[-1]])
-    out = [bytes(header)]
-    for index, record in enumerate(records):
-        following, lower = links[index]
-        if following is None and lower is None:
-            out.append(record)
-            continue
-        patched = bytearray(record)
-        if following is not None:
-            struct.pack_into("<L", patched, NEXT_OFFSET_AT, offsets[following])
-        if lower is not None:
-            struct.pack_into("<L", patched, LOWER_OFFSET_AT, offsets[lower])
-        out.append(bytes(patched))
-    return b"".join(out)
+    """The whole DICOMDIR of ``plan`` (see ``Dicomdir``)."""
+    return b"".join(Dicomdir(plan).chunks())
 
 
 # --- What goes on the media besides the images --------------------------------------
@@ -710,8 +811,9 @@ def dicomdir_bytes(plan: MediaPlan) -> bytes:
 @dataclass(frozen=True, slots=True)
 class MediaFile:
     """One file of the media: ``path`` relative to the media's root ("/"-separated),
-    its bytes from ``data``, an archived file (``storage_name``) or a file of the
-    viewer (``local_path``)."""
+    its bytes from ``data``, an archived file (``storage_name``), a file of the viewer
+    (``local_path``) or ``chunks()``, generated as it is written (the DICOMDIR; its
+    ``sha256`` is then empty, counted as it goes out)."""
 
     path: str
     size: int
@@ -719,6 +821,7 @@ class MediaFile:
     data: bytes | None = None
     storage_name: str | None = None
     local_path: Path | None = None
+    chunks: Callable[[], Iterable[bytes]] | None = None
 
 
 # A file of the media: generated or from the viewer (MediaFile), or archived
@@ -778,9 +881,11 @@ def _default_viewer_dir() -> Path | None:
 
 def media_files(*, plan: MediaPlan, include_viewer: bool, viewer_dir: Path | None,
                 disc: bool) -> list[MediaEntry]:
-    """Every file of the media in the order they are written: README.TXT, DICOMDIR,
-    INDEX.HTM (on a disc always, in a ZIP with the viewer), the viewer under IHE_PDI/,
-    then the images. A ZIP adds SHA256SUMS (``zip_stream``). ``viewer_dir`` defaults to
+    """Every file of the media in the order they are written: on a disc README.TXT,
+    DICOMDIR, INDEX.HTM, the viewer under IHE_PDI/, then the images; in a ZIP
+    README.TXT, the images, then DICOMDIR, INDEX.HTM and the viewer (when included), so
+    that the images start at once while the DICOMDIR is written from the plan after
+    them (``zip_stream`` adds SHA256SUMS). ``viewer_dir`` defaults to
     settings.MEDIA_VIEWER_DIR; with no viewer there, ``include_viewer`` adds nothing."""
     if include_viewer and viewer_dir is None:
         viewer_dir = _default_viewer_dir()
@@ -797,17 +902,20 @@ def media_files(*, plan: MediaPlan, include_viewer: bool, viewer_dir: Path | Non
     # README.TXT is plain ASCII text, lines ending in CR LF so that the simplest Windows
     # editor shows them.
     readme_bytes = readme.replace("\n", "\r\n").encode()
-    files = [_generated("README.TXT", readme_bytes),
-             _generated("DICOMDIR", dicomdir_bytes(plan))]
+    dicomdir = Dicomdir(plan)
+    index_files = [MediaFile(path="DICOMDIR", size=dicomdir.size, sha256="",
+                             chunks=dicomdir.chunks)]
     if context["with_index"]:
-        files.append(_generated("INDEX.HTM", render_to_string("media/INDEX.HTM", context)
-                                .encode("utf-8")))
+        index_files.append(_generated("INDEX.HTM", render_to_string("media/INDEX.HTM", context)
+                                      .encode("utf-8")))
     if viewer is not None:
-        files.extend(MediaFile(path=f"IHE_PDI/{relative}", size=size, sha256=sha256,
-                               local_path=path)
-                     for relative, path, size, sha256 in viewer.files)
-    files.extend(plan.instances)
-    return files
+        index_files.extend(MediaFile(path=f"IHE_PDI/{relative}", size=size, sha256=sha256,
+                                     local_path=path)
+                           for relative, path, size, sha256 in viewer.files)
+    readme_file = _generated("README.TXT", readme_bytes)
+    if disc:
+        return [readme_file, *index_files, *plan.instances]
+    return [readme_file, *plan.instances, *index_files]
 
 
 def _wrapped(text: str, width: int = 78) -> str:
@@ -820,9 +928,26 @@ def _wrapped(text: str, width: int = 78) -> str:
     return "\n".join(lines)
 
 
-def sha256sums(files: Iterable[MediaEntry]) -> bytes:
-    """GNU coreutils' format, so ``sha256sum -c SHA256SUMS`` checks the folder."""
-    return "".join(f"{f.sha256}  {f.path}\n" for f in files).encode("utf-8")
+SHA256_HEX_LENGTH = 64
+
+
+def sha256sums(files: Iterable[MediaEntry],
+               counted: dict[str, str] | None = None) -> Iterator[bytes]:
+    """SHA256SUMS in GNU coreutils' format, so ``sha256sum -c SHA256SUMS`` checks the
+    folder, a few dozen kilobytes at a time. ``counted`` holds the digests of generated
+    files (path → hex), counted as they were written."""
+    counted = counted or {}
+    lines: list[str] = []
+    for media_file in files:
+        lines.append(f"{media_file.sha256 or counted[media_file.path]}  {media_file.path}\n")
+        if len(lines) == 512:
+            yield "".join(lines).encode("utf-8")
+            lines = []
+    yield "".join(lines).encode("utf-8")
+
+
+def sha256sums_size(files: Iterable[MediaEntry]) -> int:
+    return sum(SHA256_HEX_LENGTH + 2 + len(f.path.encode()) + 1 for f in files)
 
 
 # --- Reading the files ---------------------------------------------------------------
@@ -844,6 +969,14 @@ def _read_chunks(media_file: MediaEntry) -> Iterator[bytes]:
     would be wrong."""
     if media_file.data is not None:
         yield media_file.data
+        return
+    if media_file.chunks is not None:
+        written = 0
+        for chunk in media_file.chunks():
+            written += len(chunk)
+            yield chunk
+        if written != media_file.size:
+            raise MediaError(_("the disc index could not be written"))
         return
     if media_file.local_path is not None:
         fh = open(media_file.local_path, "rb")
@@ -887,7 +1020,7 @@ def zip_length(entries: Iterable[tuple[str, int]]) -> int:
     size) entries, in this order."""
     files_size = central_size = count = 0
     for name, size in entries:
-        name_length = len(_zip_name(name))
+        name_length = len(name) if name.isascii() else len(_zip_name(name))
         zip64 = size * ZIP64_ESTIMATE_FACTOR > ZIP64_LIMIT
         extras = (1 if files_size > ZIP64_LIMIT else 0) + (2 if size > ZIP64_LIMIT else 0)
         files_size += (LOCAL_HEADER + name_length + (20 if zip64 else 0) + size
@@ -924,8 +1057,16 @@ def _coalesced(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def zip_entries(*, files: list[MediaEntry], root: str) -> list[tuple[str, int]]:
     """(name in the archive, size) of every entry: the files under ``root``, then
     SHA256SUMS, whose length is counted here and its text written at the end."""
-    sums_size = sum(len(f.sha256) + 2 + len(f.path.encode()) + 1 for f in files)
-    return [*((f"{root}/{f.path}", f.size) for f in files), (f"{root}/SHA256SUMS", sums_size)]
+    return [*((f"{root}/{f.path}", f.size) for f in files),
+            (f"{root}/SHA256SUMS", sha256sums_size(files))]
+
+
+def _counted(chunks: Iterable[bytes], path: str, counted: dict[str, str]) -> Iterator[bytes]:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+    counted[path] = digest.hexdigest()
 
 
 def zip_chunks(*, files: list[MediaEntry], root: str) -> Iterator[bytes]:
@@ -933,14 +1074,18 @@ def zip_chunks(*, files: list[MediaEntry], root: str) -> Iterator[bytes]:
     as it is read: each file is queued and written in turn, then the central
     directory."""
     stream = ZipStream(compress_type=ZIP_STORED)
+    counted: dict[str, str] = {}
     for media_file in files:
         name = f"{root}/{media_file.path}"
         if media_file.data is not None:
             stream.add(media_file.data, name)
         else:
-            stream.add(_read_chunks(media_file), name, size=media_file.size)
+            chunks = _read_chunks(media_file)
+            if not media_file.sha256:
+                chunks = _counted(chunks, media_file.path, counted)
+            stream.add(chunks, name, size=media_file.size)
         yield from stream.file()
-    stream.add(sha256sums(files), f"{root}/SHA256SUMS")
+    stream.add(sha256sums(files, counted), f"{root}/SHA256SUMS", size=sha256sums_size(files))
     yield from stream.file()
     yield from stream.footer()
 
@@ -967,9 +1112,11 @@ def zip_response(*, studies: Iterable[Study], patient_last_name: str, include_vi
     It extracts to ``IMAGES_<Lastname>/`` holding DICOMDIR, README.TXT, SHA256SUMS and
     IMAGES/DICOMS/IM1…, plus INDEX.HTM and IHE_PDI/ when the viewer is included. Every
     entry is STORED (the images are already as small as their transfer syntax makes
-    them) and every DICOM file is the archive's, byte for byte. The length is known
-    before the first byte; memory stays constant whatever the size. Raises
-    ``MediaError`` when there is nothing to put in it."""
+    them) and every DICOM file is the archive's, byte for byte. Before the first byte
+    only the plan is read and the length counted; the DICOMDIR is encoded once the
+    images have gone, from the plan. Memory does not depend on the bytes sent (the
+    plan holds a few hundred bytes per image). Raises ``MediaError`` when there is
+    nothing to put in it."""
     with _collector_paused():
         plan = media_plan(studies=studies)
         root = media_name("IMAGES", patient_last_name)

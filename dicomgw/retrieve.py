@@ -4,12 +4,18 @@ The work of a retrieve or a push lives on a row (``RetrieveJob``, ``PushJob``) t
 Celery task fills and a page polls. A run claims its row with a conditional UPDATE, so a
 duplicated or redelivered task message does nothing, and a run killed half-way leaves
 the row RUNNING with an ``updated_at`` that stops moving; ``jobs_recover_stale`` puts
-such rows back in the queue. A re-run asks the PACS only for what the archive lacks."""
+such rows back in the queue. A re-run asks the PACS only for what the archive lacks.
+
+The DIMSE client (``dimse``: pynetdicom, pydicom) is imported by the functions that talk
+to a PACS, not with this module, which every web process loads for its names."""
+
+from __future__ import annotations
 
 import datetime
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -17,16 +23,15 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from pockethealth.models import AuditEvent, Facility, StaffUser
 from pockethealth.services import audit_record
 
-from . import dimse
-from .dimse import DimseError
 from .models import Instance, PacsNode, PushJob, PushResult, RetrieveJob, Study
 from .services import DicomGatewayError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +146,7 @@ class StudyHit:
         return data
 
     @classmethod
-    def from_session(cls, data: dict) -> "StudyHit":
+    def from_session(cls, data: dict) -> StudyHit:
         data = dict(data)
         for key in ("study_date", "birth_date"):
             data[key] = datetime.date.fromisoformat(data[key]) if data[key] else None
@@ -208,6 +213,9 @@ def pacs_search(*, node: PacsNode, criteria: SearchCriteria) -> SearchHits:
     """Studies on ``node`` that match ``criteria``, newest first, each with how much of it
     the archive of the node's facility already holds. Raises ``DicomGatewayError`` with a
     sentence for the clerk when the PACS cannot be asked or does not answer in time."""
+    from . import dimse
+    from .dimse import DimseError
+
     timeout = search_timeout()
     limit = search_limit()
     started = time.monotonic()
@@ -232,6 +240,8 @@ def pacs_search(*, node: PacsNode, criteria: SearchCriteria) -> SearchHits:
 
 
 def _hit(ds: Dataset) -> StudyHit:
+    from pydicom.multival import MultiValue
+
     modalities = ds.get("ModalitiesInStudy")
     if isinstance(modalities, MultiValue | list | tuple):
         modality_list = tuple(_text(m) for m in modalities if _text(m))
@@ -268,6 +278,8 @@ def _with_archive_state(facility: Facility, hits: list[StudyHit]) -> list[StudyH
 
 
 def _text(value) -> str:
+    from pydicom.multival import MultiValue
+
     if value is None:
         return ""
     if isinstance(value, MultiValue | list | tuple):
@@ -304,6 +316,9 @@ def _count(value) -> int | None:
 
 def node_verify(*, node: PacsNode, user: StaffUser | None = None) -> tuple[bool, str]:
     """C-ECHO the node (PS3.7 9.1.5) and remember when and with what result."""
+    from . import dimse
+    from .dimse import DimseError
+
     started = time.monotonic()
     try:
         dimse.echo(node)
@@ -563,6 +578,8 @@ def retrieve_run(*, job_id: int) -> float | None:
     moves only those the archive lacks, waits until they are archived, and finishes the
     job COMPLETE or PARTIAL. Returns the seconds after which the task should run again
     (an association failure with attempts left), else None."""
+    from .dimse import DimseError
+
     claim = _claim(RetrieveJob, job_id)
     if claim is not True:
         log.info("RetrieveJob %s not claimable (%s); nothing to do now", job_id, claim)
@@ -584,6 +601,8 @@ def retrieve_run(*, job_id: int) -> float | None:
 
 
 def _retrieve(job: RetrieveJob) -> None:
+    from .dimse import DimseError
+
     node = job.node
     expected = _expected_instances(node, job.study_instance_uid)
     if not expected:
@@ -625,6 +644,9 @@ def _expected_instances(node: PacsNode, study_uid: str) -> dict[str, str]:
     """{SOP Instance UID: Series Instance UID} of the study on the PACS, by C-FIND at
     IMAGE level: one query for the whole study where the PACS allows it, else series by
     series, as a PACS that insists on hierarchical keys needs (PS3.4 C.4.1.2.2)."""
+    from . import dimse
+    from .dimse import DimseError
+
     keys = {"StudyInstanceUID": study_uid}
     if node.query_model == PacsNode.QueryModel.PATIENT_ROOT:
         # Patient Root names the patient above the study (PS3.4 C.4.1.2.2.1).
@@ -678,6 +700,8 @@ def _move_missing(job: RetrieveJob, *, expected: dict[str, str], missing: set[st
     series of which nothing is archived, and single instances (IMAGE level) where part
     of a series is (PS3.4 C.4.2.2.1). With C-GET the study is asked for whole: the
     archive keeps the instances it has and ignores the copies."""
+    from . import dimse
+
     node = job.node
     if node.supports_c_get:
         progress.start_move(len(missing), later=0)
@@ -816,6 +840,8 @@ def push_run(*, job_id: int) -> float | None:
     """The body of the push task: C-STORE every instance of the study that has no
     successful result yet, recording a result per instance (PS3.4 B.2.3). Returns the
     seconds after which to run again, or None."""
+    from .dimse import DimseError
+
     claim = _claim(PushJob, job_id)
     if claim is not True:
         log.info("PushJob %s not claimable (%s); nothing to do now", job_id, claim)
@@ -838,6 +864,8 @@ def push_run(*, job_id: int) -> float | None:
 
 
 def _push(job: PushJob) -> None:
+    from . import dimse
+
     instances = list(
         Instance.objects.filter(facility=job.facility, series__study=job.study)
         .exclude(pk__in=PushResult.objects.filter(push=job, outcome__in=DELIVERED)

@@ -1,5 +1,11 @@
 """Archive services. Every path by which DICOM enters (the storage SCP, PACS retrieve,
-browser upload, demo data, tests) goes through ``ingest_file``."""
+browser upload, demo data, tests) goes through ``ingest_file``.
+
+pydicom is imported by the functions that read DICOM, not with this module: the names
+and errors here are used by every web process, most of which never read a file, and
+pydicom (with numpy) is a third of such a process's memory."""
+
+from __future__ import annotations
 
 import datetime
 import hashlib
@@ -14,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from django.conf import settings
 from django.core.files import File
@@ -23,28 +29,28 @@ from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from pydicom import config as pydicom_config
-from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import parse_basic_offsets, parse_fragments
-from pydicom.filereader import read_file_meta_info
-from pydicom.multival import MultiValue
-from pydicom.uid import UID, AllTransferSyntaxes, MediaStorageDirectoryStorage
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from pockethealth.models import Facility
 
 from .models import IngestSource, Instance, InstanceConflict, Patient, Series, Study
 
+if TYPE_CHECKING:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
 log = logging.getLogger(__name__)
 
-# pydicom's value-validation warnings quote the offending value ("Invalid value for VR
-# DA: '1980-13-45'"), which may be a name, an ID or a birth date, and Django routes
-# warnings into the log. We accept non-conformant values anyway (see ``ingest_file``),
-# so the validation is switched off for reading; it changes nothing but the warnings.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+def quiet_pydicom_reading() -> None:
+    """pydicom's value-validation warnings quote the offending value ("Invalid value for
+    VR DA: '1980-13-45'"), which may be a name, an ID or a birth date, and Django routes
+    warnings into the log. We accept non-conformant values anyway (see ``ingest_file``),
+    so the validation is switched off for reading; it changes nothing but the warnings.
+    Called by each module that reads DICOM with pydicom, before it reads."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
 
 
 def name_search_key(text: str) -> str:
@@ -109,6 +115,11 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), little endian (PS3.5 7.5)
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+# Character string VRs (PS3.5 6.2). Read with pydicom's validation off, their values
+# are decoded with replacement characters rather than refused, so converting one can
+# find nothing wrong that the length check before it has not.
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+            "UC", "UI", "UR", "UT"}
 DIRECTORY_RECORD_SEQUENCE = 0x00041220
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters. Leading
 # zeros inside a component are forbidden too, but old scanners write them and the
@@ -276,7 +287,7 @@ def _check_and_read(received: _Received) -> _Header:
     """Check the spooled file strictly and return what the index keeps of it; raise
     ``_Rejected`` if it is not an archivable DICOM file."""
     if received.size < PREAMBLE_LENGTH + 4 or received.head[128:132] != b"DICM":
-        raise _Rejected(f"not a DICOM Part 10 file: {_describe_non_dicom(received.head)}")
+        raise _Rejected(f"not a DICOM Part 10 file: {describe_non_dicom(received.head)}")
     try:
         return _read_checked(received)
     except _Rejected:
@@ -287,6 +298,11 @@ def _check_and_read(received: _Received) -> _Header:
 
 
 def _read_checked(received: _Received) -> _Header:
+    from pydicom import dcmread
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import UID, AllTransferSyntaxes, MediaStorageDirectoryStorage
+
+    quiet_pydicom_reading()
     try:
         meta = read_file_meta_info(received.path)
     except Exception:
@@ -330,7 +346,7 @@ DICOMDIR_REASON = ("it is a DICOMDIR (disc index), not an image; the images it l
                    "are separate files")
 
 
-def _describe_non_dicom(head: bytes) -> str:
+def describe_non_dicom(head: bytes) -> str:
     """A plain-language guess at what a file without the "DICM" marker is."""
     signatures = (
         (b"\xff\xd8\xff", "it looks like a JPEG picture"),
@@ -381,6 +397,8 @@ def _check_inflated_size(fp: BinaryIO) -> None:
 def _file_meta_end(fp: BinaryIO) -> int:
     """The offset just past the File Meta Information: the group 0002 elements after
     "DICM", always Explicit VR Little Endian (PS3.10 7.1)."""
+    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
     fp.seek(PREAMBLE_LENGTH + 4)
     while True:
         start = fp.tell()
@@ -398,6 +416,8 @@ def _file_meta_end(fp: BinaryIO) -> int:
 def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
     """Reject top-level Pixel Data that cannot hold the image it describes (see
     ``ingest_file``). Runs on the raw elements, before anything converts them."""
+    from pydicom.dataelem import RawDataElement
+
     for tag in PIXEL_DATA_TAGS:
         raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
@@ -423,6 +443,8 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
 def _check_fragments(raw: RawDataElement, fp: BinaryIO) -> None:
     """Encapsulated Pixel Data (PS3.5 A.4): a Basic Offset Table item, one or more
     fragment items, then the sequence delimiter, all inside the file."""
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
     if raw.value is not None:
         # pydicom kept the value up to (not including) the sequence delimiter.
         buffer = BytesIO(raw.value + SEQUENCE_DELIMITER + bytes(4))
@@ -465,7 +487,11 @@ def _expected_native_length(ds: Dataset) -> int:
 def _convert_every_element(ds: Dataset) -> None:
     """Convert every element's value, recursing into sequences, so that a damaged
     element is found now rather than when someone opens the image. Large binary
-    values left on disc are not loaded: the file-size check covers their extent."""
+    values left on disc are not loaded: the file-size check covers their extent.
+    Character strings read whole are only checked for their length (see TEXT_VRS):
+    they are most of a header, and converting each costs more than reading the file."""
+    from pydicom.dataelem import RawDataElement
+
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement):
@@ -475,13 +501,29 @@ def _convert_every_element(ds: Dataset) -> None:
             elif (raw.value is not None and raw.length != UNDEFINED_LENGTH
                   and len(raw.value) < raw.length):
                 raise _Rejected(TRUNCATED)
+            elif raw.value is not None and _text_vr(raw):
+                continue
         element = ds[tag]
         if element.VR == "SQ":
             for item in element.value:
                 _convert_every_element(item)
 
 
+def _text_vr(raw: RawDataElement) -> bool:
+    from pydicom.datadict import dictionary_VR
+
+    vr = raw.VR
+    if vr is None:  # implicit VR: read as the dictionary's
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return False
+    return vr in TEXT_VRS
+
+
 def _binary_vr(raw: RawDataElement) -> bool:
+    from pydicom.datadict import dictionary_VR
+
     vr = raw.VR
     if vr is None:  # implicit VR: the dictionary's, and private tags are opaque
         try:
@@ -495,6 +537,8 @@ def _binary_vr(raw: RawDataElement) -> bool:
 
 
 def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
+    from pydicom.multival import MultiValue
+
     uids = {}
     for keyword, label in (("SOPClassUID", "SOP Class UID"),
                            ("SOPInstanceUID", "SOP Instance UID"),
@@ -553,6 +597,8 @@ def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
 
 def _clean_uid(value) -> str:
     """A UI value without its padding (PS3.5 9.1: a trailing NUL pads to even length)."""
+    from pydicom.multival import MultiValue
+
     if value is None or isinstance(value, MultiValue | list):
         return ""
     return str(value).strip(" \0")
@@ -565,6 +611,8 @@ def _is_valid_uid(uid: str) -> bool:
 def _text(value) -> str:
     """A string value as text: multiple values joined with "\\" (PS3.5 6.4), padding
     and NULs (which PostgreSQL refuses) removed."""
+    from pydicom.multival import MultiValue
+
     if value is None:
         return ""
     if isinstance(value, MultiValue | list | tuple):
@@ -600,6 +648,8 @@ def _positive_int(value) -> int | None:
 def _bounded_int(value) -> int | None:
     """An IS or US value as an integer that fits an integer column, or None when it is
     absent or unreadable (an IS like "1A" is left as text by pydicom)."""
+    from pydicom.multival import MultiValue
+
     if isinstance(value, MultiValue | list):
         value = value[0] if len(value) else None
     if value is None:
@@ -649,6 +699,13 @@ def _parse_time(value) -> datetime.time | None:
 # --- Archiving ---------------------------------------------------------------------
 
 
+def only_row(queryset: models.QuerySet) -> models.Model | None:
+    """The one row a unique lookup finds, or None: like ``first()`` without the ORDER BY
+    that a model's default ordering adds, which costs a sort and query building on
+    every file ingested."""
+    return next(iter(queryset.order_by()[:1]), None)
+
+
 def _archive(*, facility: Facility, received: _Received, header: _Header,
              source: str) -> IngestOutcome:
     """Store a checked file and index it, or recognise it as already archived."""
@@ -657,8 +714,8 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
     # A second try covers the race of two processes storing the same instance: the
     # loser's insert fails on the unique constraint and it then finds the winner's row.
     for _attempt in range(3):
-        existing = Instance.objects.filter(
-            facility=facility, sop_instance_uid=header.sop_instance_uid).first()
+        existing = only_row(Instance.objects.filter(
+            facility=facility, sop_instance_uid=header.sop_instance_uid))
         if existing is not None:
             return _already_archived(existing, received=received, source=source, **found)
 
@@ -691,8 +748,40 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
 def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
                     size: int) -> None:
     """Within the caller's transaction: find or create the patient, study and series,
-    save the instance and keep the counters right. The study row is locked first, so
-    ingests into one study take turns and counters and modalities stay exact."""
+    save the instance and keep the counters right. Counters change by increments, which
+    the database applies one after the other, and the rows they touch are updated last,
+    so ingests into one study wait for each other only briefly. The study's modalities
+    change only when a series is added: then the study row is locked before the series
+    are read, so that of two ingests adding series at once, the later sees both."""
+    # Most files belong to a series already indexed: one query finds it and its study.
+    series = only_row(Series.objects.select_related("study").filter(
+        study__facility=facility, study__study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid))
+    series_created = False
+    if series is None:
+        series, series_created = _series_for(facility=facility, header=header)
+    study = series.study
+    instance.series = series
+    instance.save()
+
+    Series.objects.filter(pk=series.pk).update(
+        num_instances=F("num_instances") + 1, total_bytes=F("total_bytes") + size,
+    )
+    changes = {"num_instances": F("num_instances") + 1, "total_bytes": F("total_bytes") + size,
+               "updated_at": timezone.now()}
+    if series_created:
+        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+        modalities = sorted(
+            set(Series.objects.filter(study=study).values_list("modality", flat=True)) - {""}
+        )
+        changes.update(num_series=F("num_series") + 1,
+                       modalities=_fit(Study, "modalities", "\\".join(modalities)))
+    Study.objects.filter(pk=study.pk).update(**changes)
+
+
+def _series_for(*, facility: Facility, header: _Header) -> tuple[Series, bool]:
+    """The series of ``header`` (its study and patient made first when new), and whether
+    it was made now."""
     study = Study.objects.filter(
         facility=facility, study_instance_uid=header.study_instance_uid).first()
     if study is None:
@@ -711,27 +800,12 @@ def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
             facility=facility, study_instance_uid=header.study_instance_uid,
             defaults={"patient": patient, **header.study},
         )
-    study = Study.objects.select_for_update().get(pk=study.pk)
     series, series_created = Series.objects.get_or_create(
         study=study, series_instance_uid=header.series_instance_uid,
         defaults=header.series,
     )
-    instance.series = series
-    instance.save()
-
-    Series.objects.filter(pk=series.pk).update(
-        num_instances=F("num_instances") + 1, total_bytes=F("total_bytes") + size,
-    )
-    modalities = sorted(
-        set(Series.objects.filter(study=study).values_list("modality", flat=True)) - {""}
-    )
-    Study.objects.filter(pk=study.pk).update(
-        num_series=F("num_series") + (1 if series_created else 0),
-        num_instances=F("num_instances") + 1,
-        total_bytes=F("total_bytes") + size,
-        modalities=_fit(Study, "modalities", "\\".join(modalities)),
-        updated_at=timezone.now(),
-    )
+    series.study = study
+    return series, series_created
 
 
 def _already_archived(existing: Instance, *, received: _Received, source: str,

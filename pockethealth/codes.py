@@ -101,3 +101,18 @@ def pin_hash(pin: str) -> str:
 
 def pin_matches(text: str, stored_hash: str) -> bool:
     return hmac.compare_digest(pin_hash(text), stored_hash)
+
+
+# A link token (an upload link, a signing link) carries 24 random bytes from ``secrets``:
+# 192 bits, written as 32 URL-safe characters.
+LINK_TOKEN_BYTES = 24
+
+
+def link_token_generate() -> str:
+    return secrets.token_urlsafe(LINK_TOKEN_BYTES)
+
+
+def link_token_hash(token: str, *, purpose: str) -> str:
+    """The keyed hash under which a link token is stored. ``purpose`` keeps the tokens
+    of different links apart: an upload token never opens a signing page."""
+    return _keyed_hash(f"link:{purpose}".encode(), token.strip())

@@ -123,10 +123,14 @@ TEMPLATES = [
     },
 ]
 
+# A web worker keeps its database connection for DATABASE_CONN_MAX_AGE seconds rather
+# than opening one per request (the upload portal sends one request per file); a kept
+# connection is checked before each request reuses it. 0 closes it after every request.
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'pockethealth.sqlite3'}"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -342,6 +346,7 @@ ARCHIVE_RETENTION_DAYS = env_int("ARCHIVE_RETENTION_DAYS", 30)
 ARCHIVE_HOLDERS = [
     "sharing.recipient.studies_held_by_shares",
     "sharing.recipient.studies_held_by_transfers",
+    "retrieval.imports.studies_held_by_requests",
 ]
 # Studies purged per run of the job; the next run carries on.
 ARCHIVE_PURGE_BATCH = env_int("ARCHIVE_PURGE_BATCH", 200)
@@ -359,10 +364,58 @@ CELERY_BEAT_SCHEDULE = {
 # static files, put under IHE_PDI/ when a recipient asks for the viewer.
 MEDIA_JOB_STALE_SECONDS = env_int("MEDIA_JOB_STALE_SECONDS", 300)
 MEDIA_PURGE_INTERVAL_SECONDS = env_int("MEDIA_PURGE_INTERVAL_SECONDS", 300)
-MEDIA_VIEWER_DIR = env_str("MEDIA_VIEWER_DIR", "") or None
+# By default the viewer that `make offline-viewer` builds from viewer/offline, once built.
+_OFFLINE_VIEWER_DIR = BASE_DIR / "viewer" / "offline" / "dist"
+MEDIA_VIEWER_DIR = env_str("MEDIA_VIEWER_DIR", "") or (
+    str(_OFFLINE_VIEWER_DIR) if (_OFFLINE_VIEWER_DIR / "index.html").is_file() else None)
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "dicomgw.purge_media_jobs": {"task": "dicomgw.tasks.purge_media_jobs",
                                  "schedule": MEDIA_PURGE_INTERVAL_SECONDS},
 }
 # --- end of recipient media ---------------------------------------------------------
+
+# --- Record retrieval: imports into the PACS, answers from the platform ---------------
+CELERY_BEAT_SCHEDULE = {
+    **CELERY_BEAT_SCHEDULE,
+    "retrieval.recover_stale_request_jobs": {
+        "task": "retrieval.tasks.recover_stale_request_jobs",
+        "schedule": env_int("REQUEST_JOBS_RECOVERY_SECONDS", 120)},
+}
+# --- end of record retrieval imports -------------------------------------------------
+
+# --- Browser viewer (viewer/ohif.py) ----------------------------------------------------
+# OHIF's prebuilt app, installed by `make ohif` (manage.py ohif_install) into OHIF_DIR
+# and served with the static files under /static/ohif/.
+OHIF_DIR = env_path("OHIF_DIR", BASE_DIR / "var" / "ohif")
+if OHIF_DIR.is_dir():
+    STATICFILES_DIRS = [*STATICFILES_DIRS, ("ohif", OHIF_DIR)]
+# --- end of browser viewer ---------------------------------------------------------------
+
+# --- Record retrieval: the upload portal (retrieval/upload*.py) --------------------------
+# Wrong upload PINs from one client address (an IPv6 /64) in the window; reaching the
+# limit locks that address out of every facility's portal for UPLOAD_PIN_ADDRESS_BLOCK_SECONDS.
+UPLOAD_PIN_ADDRESS_FAILURES = env_int("UPLOAD_PIN_ADDRESS_FAILURES", 10)
+UPLOAD_PIN_ADDRESS_WINDOW_SECONDS = env_int("UPLOAD_PIN_ADDRESS_WINDOW_SECONDS", 3600)
+UPLOAD_PIN_ADDRESS_BLOCK_SECONDS = env_int("UPLOAD_PIN_ADDRESS_BLOCK_SECONDS", 3600)
+# The breaker of one facility's portal against PINs sprayed from many addresses: more
+# wrong PINs than this in the window, all addresses together, stop PIN checks there for
+# UPLOAD_PIN_FACILITY_BREAKER_SECONDS (the Request Page's QR link still works).
+UPLOAD_PIN_FACILITY_FAILURES = env_int("UPLOAD_PIN_FACILITY_FAILURES", 60)
+UPLOAD_PIN_FACILITY_WINDOW_SECONDS = env_int("UPLOAD_PIN_FACILITY_WINDOW_SECONDS", 3600)
+UPLOAD_PIN_FACILITY_BREAKER_SECONDS = env_int("UPLOAD_PIN_FACILITY_BREAKER_SECONDS", 900)
+# The uploader's session: its own cookie, sent to /upload only, bound to one request,
+# ended after this long without a request and this long after the PIN was entered.
+UPLOAD_SESSION_COOKIE_NAME = env_str("UPLOAD_SESSION_COOKIE_NAME", "upload_session")
+UPLOAD_SESSION_IDLE_SECONDS = env_int("UPLOAD_SESSION_IDLE_SECONDS", 2 * 3600)
+UPLOAD_SESSION_MAX_SECONDS = env_int("UPLOAD_SESSION_MAX_SECONDS", 24 * 3600)
+UPLOAD_SESSION_ENGINE = RECIPIENT_SESSION_ENGINE
+# What one upload may hold: files, bytes in all, bytes in one file.
+UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 20_000)
+UPLOAD_MAX_BYTES = env_int("UPLOAD_MAX_BYTES", 100 * 1024**3)
+UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", INGEST_MAX_FILE_BYTES)
+# Files the browser sends at once, each in its own request.
+UPLOAD_PARALLEL = env_int("UPLOAD_PARALLEL", 4)
+# Receiving stops (the browser waits and retries) while less than this is free.
+UPLOAD_MIN_FREE_BYTES = env_int("UPLOAD_MIN_FREE_BYTES", 512 * 1024**2)
+# --- end of the upload portal ------------------------------------------------------------

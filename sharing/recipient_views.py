@@ -1,5 +1,5 @@
 """The recipient's pages at /view: the code and date of birth form, the Share Inbox, the
-one Extend, downloads, and the placeholder exam page until the viewer exists.
+one Extend, downloads, and the way into the browser viewer (viewer/app_views.py).
 
 The recipient has no account. Their session is separate from the staff session: its
 own cookie (RECIPIENT_SESSION_COOKIE_NAME), sent only to /view, HttpOnly, SameSite=Lax,
@@ -15,11 +15,9 @@ session's share only. Every answer is ``Cache-Control: no-store``."""
 
 import datetime
 from functools import wraps
-from importlib import import_module
 
 from django import forms
 from django.conf import settings
-from django.contrib.sessions.backends.base import UpdateError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -37,6 +35,7 @@ from django.views.decorators.http import (
 from dicomgw.models import Patient
 from pockethealth.codes import code_format, code_is_well_formed, code_normalise
 from pockethealth.services import client_address
+from pockethealth.sessions import separate_session
 
 from .models import Share
 from .recipient import (
@@ -76,45 +75,9 @@ def _now() -> datetime.datetime:
 # --- The recipient's session -----------------------------------------------------------
 
 
-def recipient_session(view):
-    """Give the view ``request.recipient_session`` and write it back (and its cookie)
-    afterwards; mark every answer as not to be stored by any cache."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args, **kwargs):
-        engine = import_module(settings.RECIPIENT_SESSION_ENGINE)
-        key = request.COOKIES.get(settings.RECIPIENT_SESSION_COOKIE_NAME)
-        request.recipient_session = engine.SessionStore(key)
-        response = view(request, *args, **kwargs)
-        _session_save(request, response, had_cookie=key is not None)
-        response["Cache-Control"] = "no-store"
-        response["X-Robots-Tag"] = "noindex, nofollow"
-        return response
-
-    return wrapper
-
-
-def _session_save(request: HttpRequest, response: HttpResponse, *, had_cookie: bool) -> None:
-    session = request.recipient_session
-    name = settings.RECIPIENT_SESSION_COOKIE_NAME
-    if session.is_empty():
-        if had_cookie:
-            response.delete_cookie(name, path=COOKIE_PATH, samesite="Lax")
-        return
-    if not session.modified:
-        return
-    try:
-        session.save()
-    except UpdateError:
-        # Ended elsewhere meanwhile (signed out in another tab, swept as expired).
-        response.delete_cookie(name, path=COOKIE_PATH, samesite="Lax")
-        return
-    response.set_cookie(name, session.session_key, path=COOKIE_PATH, secure=_secure_cookie(),
-                        httponly=True, samesite="Lax")
-
-
-def _secure_cookie() -> bool:
-    return settings.SESSION_COOKIE_SECURE or settings.SITE_URL.startswith("https://")
+recipient_session = separate_session(
+    attribute="recipient_session", cookie_setting="RECIPIENT_SESSION_COOKIE_NAME",
+    engine_setting="RECIPIENT_SESSION_ENGINE", path=COOKIE_PATH)
 
 
 def _end_session(session, *, notice: str) -> None:
@@ -402,18 +365,25 @@ def extend(request: HttpRequest, share: Share, now: datetime.datetime) -> HttpRe
 @recipient_required
 def exam_viewer(request: HttpRequest, share: Share, now: datetime.datetime,
                 share_study_id: int) -> HttpResponse:
-    """The exam's series, until the browser viewer (its own issue) takes this address."""
+    """The exam in the browser viewer, with what of it has arrived so far (the View link
+    carries the exam's id only, see viewer.app_views). Before its first image arrives, a
+    page that says so."""
+    from viewer.app_views import recipient_app_page
+
     exam = share_exam_get(share=share, share_study_id=share_study_id)
     if exam is None:
         raise Http404
-    series = list(exam.study.series.order_by("series_number", "id")) if exam.study else []
+    study = exam.study or (exam.retrieve.study if exam.retrieve_id else None)
+    arrived = study is not None and study.num_instances > 0
     share_activity_record(share=share, action="share.study.view",
-                          address=client_address(request), detail={"exam": exam.pk})
+                          address=client_address(request),
+                          detail={"exam": exam.pk, "arrived": arrived})
+    if arrived:
+        return recipient_app_page(request, study_uids=[exam.study_instance_uid])
     return render(request, "recipient/exam.html", {
-        "share": share, "exam": exam, "series": series,
+        "share": share, "exam": exam,
         "display_name": Patient(name=share.patient_name).display_name,
         "idle_minutes": settings.RECIPIENT_SESSION_IDLE_SECONDS // 60,
-        "viewer_available": _viewer_available(),
     })
 
 

@@ -30,7 +30,6 @@ from pockethealth.models import AuditEvent, Facility, StaffUser
 from pockethealth.services import audit_record
 
 from .models import Delivery, Share, ShareStudy, SharingSettings
-from .pdf import access_page_for, access_page_pdf
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +290,10 @@ def _hit(share: Share, pick: PacsStudy) -> StudyHit:
 
 
 def _store_page(share: Share, code: str, *, now: datetime.datetime) -> str:
-    """Render the Access Page with ``code`` and keep it; returns the storage name."""
+    """Render the Access Page with ``code`` and keep it; returns the storage name.
+    WeasyPrint is imported here, where a page is rendered, not by every web process."""
+    from .pdf import access_page_for, access_page_pdf
+
     pdf = access_page_pdf(access_page_for(share, code))
     share.access_page.save("access-page.pdf", ContentFile(pdf), save=False)
     share.page_issued_at = now
@@ -603,28 +605,46 @@ def delivery_send(*, delivery_id: int, now: datetime.datetime | None = None) -> 
     try:
         with share.access_page.open("rb") as fh:
             pdf = fh.read()
-        message = EmailMessage(
-            # No patient detail in the envelope: gateways often print the subject on a
-            # cover sheet, and mail servers log it.
-            subject=_("Fax from %(facility)s") % {"facility": share.facility.name},
-            body=_("Access Page for shared medical imaging: one page, attached."),
-            from_email=fax_sender_email(share.facility),
-            to=[delivery.address],
-            connection=get_connection(fail_silently=False),
-        )
-        message.attach("access-page.pdf", pdf, "application/pdf")
-        message.send()
+        fax_pdf_send(facility=share.facility, address=delivery.address, pdf=pdf,
+                     filename="access-page.pdf",
+                     body=_("Access Page for shared medical imaging: one page, attached."))
     except (smtplib.SMTPException, OSError) as exc:
-        error = _describe_smtp_error(exc)
-        if not _permanent(exc) and delivery.attempts < settings.FAX_MAX_ATTEMPTS:
+        error, retry_in = fax_failure(exc, attempts=delivery.attempts)
+        if retry_in is not None:
             Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.SENDING).update(
                 status=Delivery.Status.QUEUED, error=error, updated_at=timezone.now())
             log.info("Delivery %s: attempt %s failed, retrying", delivery.pk, delivery.attempts)
-            return _fax_retry_delay(delivery.attempts)
+            return retry_in
         _delivery_finish(delivery, sent=False, error=error)
         return None
     _delivery_finish(delivery, sent=True)
     return None
+
+
+def fax_pdf_send(*, facility: Facility, address: str, pdf: bytes, filename: str,
+                 body: str) -> None:
+    """E-mail a one-page PDF to a fax gateway address (``<digits>@<gateway domain>``).
+    Raises ``smtplib.SMTPException`` or ``OSError``; see ``fax_failure``."""
+    message = EmailMessage(
+        # No patient detail in the envelope: gateways often print the subject on a
+        # cover sheet, and mail servers log it.
+        subject=_("Fax from %(facility)s") % {"facility": facility.name},
+        body=body,
+        from_email=fax_sender_email(facility),
+        to=[address],
+        connection=get_connection(fail_silently=False),
+    )
+    message.attach(filename, pdf, "application/pdf")
+    message.send()
+
+
+def fax_failure(exc: Exception, *, attempts: int) -> tuple[str, float | None]:
+    """What a failed fax attempt means: the error to show, and the seconds after which to
+    try again, or None to give up (the gateway refused, or the attempts are spent)."""
+    error = _describe_smtp_error(exc)
+    if not _permanent(exc) and attempts < settings.FAX_MAX_ATTEMPTS:
+        return error, _fax_retry_delay(attempts)
+    return error, None
 
 
 def _describe_smtp_error(exc: Exception) -> str:

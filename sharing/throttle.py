@@ -26,7 +26,11 @@ key while the window is current. Blocks store the moment they end, again compare
 ``now``.
 
 When the cache cannot be reached, attempts are refused (fail closed): guessing must
-never become unlimited because Redis is down."""
+never become unlimited because Redis is down.
+
+The same counters throttle other guesses with limits of their own (``Limits``): the
+upload PINs of Record Retrieval count per address and, for the breaker, per facility
+(``scope``)."""
 
 import datetime
 import ipaddress
@@ -48,6 +52,31 @@ UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one kind of guess is allowed: ``address_failures`` wrong guesses from an
+    address in ``address_window`` seconds block it for ``address_block`` seconds; more
+    than ``breaker_failures`` in ``breaker_window`` seconds, all addresses together (in
+    one scope), open the breaker for ``breaker_seconds``."""
+
+    prefix: str
+    address_failures: int
+    address_window: int
+    address_block: int
+    breaker_failures: int
+    breaker_window: int
+    breaker_seconds: int
+
+
+def view_limits() -> Limits:
+    """The limits of /view, read from the settings at each call (tests change them)."""
+    return Limits(prefix=PREFIX, address_failures=settings.VIEW_ADDRESS_FAILURES,
+                  address_window=settings.VIEW_ADDRESS_WINDOW_SECONDS,
+                  address_block=settings.VIEW_ADDRESS_BLOCK_SECONDS,
+                  breaker_failures=settings.VIEW_GLOBAL_FAILURES_PER_MINUTE,
+                  breaker_window=60, breaker_seconds=settings.VIEW_BREAKER_SECONDS)
+
+
+@dataclass(frozen=True)
 class Verdict:
     allowed: bool
     reason: str = ""  # ADDRESS, BREAKER or UNAVAILABLE when refused
@@ -57,9 +86,9 @@ class Verdict:
 @dataclass(frozen=True)
 class FailureCount:
     address_failures: int
-    global_failures: int
+    global_failures: int  # in the breaker's window and scope
     address_blocked: bool  # this failure started a block of the address
-    breaker_opened: bool  # this failure opened the site-wide breaker
+    breaker_opened: bool  # this failure opened the breaker
 
 
 def address_key(address: str | None) -> str:
@@ -82,17 +111,22 @@ def _ts(now: datetime.datetime) -> int:
     return int(now.timestamp())
 
 
-def _keys(address: str | None) -> tuple[str, str]:
-    return (f"{PREFIX}:block:{address_key(address)}", f"{PREFIX}:breaker")
+def _keys(address: str | None, limits: Limits, scope: str) -> tuple[str, str]:
+    breaker = f"{limits.prefix}:breaker" + (f":{scope}" if scope else "")
+    return (f"{limits.prefix}:block:{address_key(address)}", breaker)
 
 
-def attempt_check(*, address: str | None, now: datetime.datetime) -> Verdict:
-    """May a guess from ``address`` be checked at ``now``?"""
-    block_key, breaker_key = _keys(address)
+def attempt_check(*, address: str | None, now: datetime.datetime,
+                  limits: Limits | None = None, scope: str = "") -> Verdict:
+    """May a guess from ``address`` be checked at ``now``? (``scope`` names the breaker
+    that applies; the limits are those of /view unless given.)"""
+    limits = limits or view_limits()
+    block_key, breaker_key = _keys(address, limits, scope)
     try:
         until = cache.get_many([block_key, breaker_key])
     except Exception:  # any cache failure: refuse rather than count nothing
-        log.warning("guess throttle: cache unavailable; refusing /view attempts", exc_info=True)
+        log.warning("guess throttle: cache unavailable; refusing %s attempts", limits.prefix,
+                    exc_info=True)
         return Verdict(False, UNAVAILABLE, 60)
     ts = _ts(now)
     breaker_until = until.get(breaker_key) or 0
@@ -104,20 +138,24 @@ def attempt_check(*, address: str | None, now: datetime.datetime) -> Verdict:
     return Verdict(True)
 
 
-def failure_record(*, address: str | None, now: datetime.datetime) -> FailureCount:
-    """Count one wrong pair from ``address``; start a block or open the breaker when
+def failure_record(*, address: str | None, now: datetime.datetime,
+                   limits: Limits | None = None, scope: str = "") -> FailureCount:
+    """Count one wrong guess from ``address``; start a block or open the breaker when
     this failure reaches a limit."""
+    limits = limits or view_limits()
     ts = _ts(now)
-    window = settings.VIEW_ADDRESS_WINDOW_SECONDS
+    window = limits.address_window
     addr = address_key(address)
-    address_failures = _count(f"{PREFIX}:fail:{addr}:{ts // window}", timeout=window)
-    global_failures = _count(f"{PREFIX}:all:{ts // 60}", timeout=60)
-    block_key, breaker_key = _keys(address)
+    address_failures = _count(f"{limits.prefix}:fail:{addr}:{ts // window}", timeout=window)
+    breaker_window = limits.breaker_window
+    all_key = f"{limits.prefix}:all" + (f":{scope}" if scope else "")
+    global_failures = _count(f"{all_key}:{ts // breaker_window}", timeout=breaker_window)
+    block_key, breaker_key = _keys(address, limits, scope)
     blocked = opened = False
-    if address_failures >= settings.VIEW_ADDRESS_FAILURES:
-        blocked = _open(block_key, until=ts + settings.VIEW_ADDRESS_BLOCK_SECONDS, ts=ts)
-    if global_failures > settings.VIEW_GLOBAL_FAILURES_PER_MINUTE:
-        opened = _open(breaker_key, until=ts + settings.VIEW_BREAKER_SECONDS, ts=ts)
+    if address_failures >= limits.address_failures:
+        blocked = _open(block_key, until=ts + limits.address_block, ts=ts)
+    if global_failures > limits.breaker_failures:
+        opened = _open(breaker_key, until=ts + limits.breaker_seconds, ts=ts)
     return FailureCount(address_failures, global_failures, blocked, opened)
 
 
@@ -141,6 +179,6 @@ def _open(key: str, *, until: int, ts: int) -> bool:
     return True
 
 
-def address_unblock(*, address: str) -> None:
+def address_unblock(*, address: str, limits: Limits | None = None) -> None:
     """Lift the block of one address (support, after checking who it is)."""
-    cache.delete(_keys(address)[0])
+    cache.delete(_keys(address, limits or view_limits(), "")[0])

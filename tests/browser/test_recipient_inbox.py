@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from pydicom.fileset import FileSet
 
 from dicomgw import media
@@ -84,9 +85,12 @@ def test_a_recipient_opens_the_share_sees_exams_newest_first_and_extends_once(
     shoot(page, artifacts_dir, "recipient-inbox-extended")
 
     page.get_by_role("link", name="View").first.click()
-    page.wait_for_url("**/view/studies/*/viewer")
-    assert "PORTAL VENOUS" in page.get_by_role("table").inner_text()
+    page.wait_for_url("**/view/app/viewer?StudyInstanceUIDs=*")
+    expect(page.locator('[data-cy="study-browser-thumbnail"]').first).to_contain_text(
+        "PORTAL VENOUS", timeout=60_000)
     shoot(page, artifacts_dir, "recipient-exam")
+    page.get_by_role("link", name="Share Inbox").click()
+    page.wait_for_url("**/view/inbox")
 
     page.get_by_role("button", name="Leave").click()
     page.wait_for_url("**/view")

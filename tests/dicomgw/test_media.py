@@ -4,7 +4,9 @@ into a real Orthanc."""
 
 import hashlib
 import io
+import os
 import subprocess
+import sys
 import time
 import tracemalloc
 import zipfile
@@ -19,11 +21,19 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import FileSet
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+    MRImageStorage,
+    generate_uid,
+)
 from zipstream import ZipStream
 
 from dicomgw.media import (
+    IMPLEMENTATION_CLASS_UID,
+    Dicomdir,
     MediaError,
     MediaFile,
     MediaPlan,
@@ -31,8 +41,10 @@ from dicomgw.media import (
     PlannedPatient,
     PlannedSeries,
     PlannedStudy,
+    derived_uid,
     dicomdir_bytes,
     image_record,
+    image_record_length,
     leaf_record_type,
     media_name,
     media_plan,
@@ -372,6 +384,48 @@ def test_records_are_encoded_as_pydicom_encodes_them():
             InstanceNumber=number)
 
 
+def test_file_meta_and_file_set_uid_are_what_pydicom_writes():
+    plan = synthetic_plan(3)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
+    meta.MediaStorageSOPInstanceUID = plan.file_set_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "PH_MEDIA_1"
+    buffer = DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    assert dicomdir_bytes(plan).startswith(buffer.getvalue())
+    assert IMPLEMENTATION_CLASS_UID == PYDICOM_IMPLEMENTATION_UID
+    sources = ["media file-set", "0123456789abcdef"]
+    assert derived_uid(*sources) == generate_uid(entropy_srcs=sources)
+    assert len(plan.file_set_uid) <= 64
+
+
+@pytest.mark.parametrize("count", [1, 2, 249, 250, 251, 1001])
+def test_the_dicomdir_is_as_long_as_its_layout_says_before_it_is_encoded(count):
+    plan = synthetic_plan(count)
+    for n, instance in enumerate(plan.instances):  # odd and even lengths of each value
+        instance.sop_instance_uid += "9" * (n % 2)
+        instance.instance_number = 10 ** (n % 4)
+    assert all(image_record_length(i) == len(image_record(i)) for i in plan.instances)
+    dicomdir = Dicomdir(plan)
+    data = b"".join(dicomdir.chunks())
+    assert len(data) == dicomdir.size
+    ds = dcmread(io.BytesIO(data))
+    records = ds.DirectoryRecordSequence
+    assert len(records) == 2 + len(plan.patients[0].studies[0].series) + count
+    # Every offset points at the start of a record (PS3.3 F.3.2.1).
+    starts = {record.seq_item_tell for record in records}
+    for record in records:
+        for offset in (record.OffsetOfTheNextDirectoryRecord,
+                       record.OffsetOfReferencedLowerLevelDirectoryEntity):
+            assert offset == 0 or offset in starts
+    images = [r for r in records if r.DirectoryRecordType == "IMAGE"]
+    assert [r.ReferencedSOPInstanceUIDInFile for r in images] == [
+        i.sop_instance_uid for i in plan.instances]
+
+
 # --- Linear time ---------------------------------------------------------------------
 
 
@@ -465,6 +519,37 @@ def test_zip_streams_at_once_in_constant_memory(facility, testdata_dir):
     assert streamed == int(response["Content-Length"])
     assert streamed > 300 * 1024 * 1024
     assert peak < 16 * 1024 * 1024, peak
+
+
+def test_the_images_go_first_and_the_dicomdir_after_them(corpus_studies):
+    """Nothing but the plan stands before the first image: the DICOMDIR, which is encoded
+    from it, follows the images; SHA256SUMS, which counts the DICOMDIR's digest as it
+    goes out, comes last."""
+    data = download(zip_response(studies=corpus_studies[:1], patient_last_name="Order",
+                                 include_viewer=False))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = [info.filename.split("/", 1)[1] for info in archive.infolist()]
+        sums = archive.read("IMAGES_Order/SHA256SUMS").decode()
+        dicomdir = archive.read("IMAGES_Order/DICOMDIR")
+    images = [n for n in names if n.startswith("IMAGES/DICOMS/IM")]
+    assert names == ["README.TXT", *images, "DICOMDIR", "SHA256SUMS"]
+    assert f"{hashlib.sha256(dicomdir).hexdigest()}  DICOMDIR" in sums
+
+
+def test_the_download_side_loads_neither_pydicom_nor_numpy():
+    """A web process that streams ZIPs (and pages of the inbox) holds no DICOM toolkit,
+    numpy, PDF renderer or DIMSE stack: those load where DICOM is read, a PDF rendered or
+    a PACS asked."""
+    probe = ("import sys, django; django.setup(); "
+             "import dicomgw.media, dicomgw.media_views, dicomgw.views, sharing.views, "
+             "sharing.recipient_views; "
+             "print(sorted(m for m in ('pydicom', 'numpy', 'weasyprint', 'pynetdicom') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=settings.BASE_DIR, timeout=120,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "pockethealth.settings"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 def test_a_zip_stops_rather_than_send_a_file_that_changed_size(facility, testdata_dir):
