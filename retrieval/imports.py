@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -32,15 +33,10 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
-from pydicom import dcmread
-from pydicom.charset import convert_encodings, encode_string
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
-from dicomgw import dimse
-from dicomgw.dimse import DimseError
 from dicomgw.models import Instance, PacsNode, Study
 from dicomgw.retrieve import TRANSIENT_KINDS, _claim, max_attempts, retry_delay, stale_after
+from dicomgw.services import quiet_pydicom_reading
 from pockethealth.models import AuditEvent, StaffUser
 from pockethealth.services import audit_record
 
@@ -54,6 +50,9 @@ from .models import (
     UploadedFile,
 )
 from .services import RetrievalError
+
+if TYPE_CHECKING:  # pydicom and pynetdicom load only in the processes that send
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +346,8 @@ def request_import_run(*, import_id: int) -> float | None:
         return claim or None
     job = RequestImport.objects.select_related(
         "node", "request_study__study", "request_study__request__facility").get(pk=import_id)
+    from dicomgw.dimse import DimseError
+
     try:
         return _import(job)
     except DimseError as exc:
@@ -391,6 +392,8 @@ def _import(job: RequestImport) -> None:
             _import_counts(job)
 
     if instances:
+        from dicomgw import dimse
+
         dimse.store(job.node, instances=instances, on_result=on_result,
                     prepare=partial(rewritten_copy, identity=job.identity))
     _import_counts(job)
@@ -476,6 +479,9 @@ def rewritten_copy(instance: Instance, path: Path, *, identity: dict) -> Iterato
     spool.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=spool, prefix="import-", suffix=".dcm")
     os.close(fd)
+    from pydicom import dcmread
+
+    quiet_pydicom_reading()
     try:
         try:
             ds = dcmread(path, defer_size=DEFER_SIZE)
@@ -492,11 +498,14 @@ def rewritten_copy(instance: Instance, path: Path, *, identity: dict) -> Iterato
         Path(name).unlink(missing_ok=True)
 
 
-def apply_identity(ds: Dataset, identity: dict) -> None:
+def apply_identity(ds: "Dataset", identity: dict) -> None:
     """Write the reconciled values into ``ds``. The outside Patient ID (with its issuer)
     is added to Other Patient IDs Sequence unless already there (PS3.3 C.7.1.1), and the
     outside Issuer of Patient ID removed. A value the data set's Specific Character Set
     cannot encode makes the whole data set UTF-8 (ISO_IR 192, PS3.3 C.12.1.1.2)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     if not all(_encodable(ds, value) for value in identity.values()):
         ds.decode()
         ds.SpecificCharacterSet = UTF8
@@ -520,7 +529,9 @@ def apply_identity(ds: Dataset, identity: dict) -> None:
         setattr(ds, keyword, value)
 
 
-def _encodable(ds: Dataset, value: str) -> bool:
+def _encodable(ds: "Dataset", value: str) -> bool:
+    from pydicom.charset import convert_encodings, encode_string
+
     if value.isascii():
         return True
     charset = ds.get("SpecificCharacterSet")

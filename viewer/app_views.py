@@ -30,7 +30,7 @@ from sharing.models import Share
 from sharing.recipient_views import recipient_required, recipient_session
 
 from .ohif import ohif_app_config, ohif_installed
-from .services import CLERK, RECIPIENT, dicomweb_root
+from .scopes import CLERK, RECIPIENT, dicomweb_root
 
 VIEWER_ROUTE = "viewer"
 

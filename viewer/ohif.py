@@ -30,7 +30,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils.translation import gettext as _
 
-from .services import ViewerError
+from .scopes import ViewerError
 
 PACKAGE = "@ohif/app"
 VERSION = "3.13.2"

@@ -27,7 +27,6 @@ from typing import BinaryIO
 import numpy as np
 from django.core.cache import cache
 from django.db.models import Q, QuerySet
-from django.urls import reverse
 from django.utils.translation import gettext as _
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -37,14 +36,17 @@ from pydicom.encaps import generate_fragments, get_frame
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomgw.models import Instance, Series, Study, archive_storage
+from dicomgw.services import quiet_pydicom_reading
 from pockethealth.models import Facility
 from pockethealth.services import audit_record
 from sharing.models import Share
 from sharing.recipient import share_activity_record
 
-RECIPIENT = "recipient"
-CLERK = "clerk"
-URL_NAMES = {RECIPIENT: "dicomweb-recipient-studies", CLERK: "dicomweb-clerk-studies"}
+from .scopes import CLERK, RECIPIENT, ViewerError
+
+# Files are read with pydicom: quietly (see ``quiet_pydicom_reading``).
+quiet_pydicom_reading()
+
 
 # PS3.5 9.1: digits and dots, at most 64 characters.
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -96,16 +98,6 @@ VIDEO_MEDIA_TYPES = {
 OCTET_STREAM = "application/octet-stream"
 
 
-class ViewerError(Exception):
-    """A DICOMweb request that cannot be answered, with the HTTP status that says why:
-    400 a malformed query, 404 nothing of that name in the visitor's scope, 406 no
-    representation the client accepts."""
-
-    def __init__(self, message: str, *, status: int):
-        super().__init__(message)
-        self.status = status
-
-
 def not_found() -> ViewerError:
     """The one answer for a study, series, instance or frame that does not exist and
     for one that exists outside the visitor's scope."""
@@ -148,14 +140,6 @@ def scope_for_share(*, share: Share, root: str, visitor: str = "") -> Scope:
 def scope_for_facility(*, facility: Facility | int, root: str, visitor: str = "") -> Scope:
     facility_id = facility.pk if isinstance(facility, Facility) else facility
     return Scope(kind=CLERK, facility_id=facility_id, root=root, visitor=visitor)
-
-
-def dicomweb_root(scope: Scope | str) -> str:
-    """The site-relative DICOMweb root of a scope (``RECIPIENT`` or ``CLERK``), as the
-    viewer is configured with it (its qidoRoot and wadoRoot): ``/view/dicomweb`` or
-    ``/clerk/dicomweb``."""
-    kind = scope.kind if isinstance(scope, Scope) else scope
-    return reverse(URL_NAMES[kind]).removesuffix("/studies")
 
 
 def _uid(value: str) -> str:

@@ -28,6 +28,7 @@ from pockethealth.services import client_address
 from sharing import recipient_views
 from sharing.recipient_views import recipient_session
 
+from .scopes import dicomweb_root
 from .services import (
     OCTET_STREAM,
     RECIPIENT,
@@ -36,7 +37,6 @@ from .services import (
     SearchResult,
     ViewerError,
     bulkdata_read,
-    dicomweb_root,
     frames_read,
     instance_chunks,
     instances_get,

@@ -543,6 +543,9 @@ def test_the_download_side_loads_neither_pydicom_nor_numpy():
     probe = ("import sys, django; django.setup(); "
              "import dicomgw.media, dicomgw.media_views, dicomgw.views, sharing.views, "
              "sharing.recipient_views; "
+             # Every URL of the site resolved, as a web process does at its first request.
+             "from django.urls import get_resolver; get_resolver().url_patterns; "
+             "from django.urls import resolve; resolve('/view/dicomweb/studies'); "
              "print(sorted(m for m in ('pydicom', 'numpy', 'weasyprint', 'pynetdicom') "
              "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -22,7 +22,7 @@ import viewer.services as viewer_services
 from dicomgw.models import Instance, Study
 from pockethealth.models import AuditEvent
 from tests.conftest import make_staff, sign_in
-from viewer.services import CLERK, RECIPIENT, dicomweb_root
+from viewer.scopes import CLERK, RECIPIENT, dicomweb_root
 
 from .conftest import (
     ADA,
