@@ -81,7 +81,15 @@ OHIF_STAMP := var/ohif/ohif-install.json
 .PHONY: ohif
 ohif: $(OHIF_STAMP)
 
-$(OHIF_STAMP): viewer/ohif.py | $(STAMP)
+# Node.js and npm fetch the viewers from the npm registry; Debian's packages when absent.
+.PHONY: node
+node:
+	@command -v npm >/dev/null 2>&1 || { \
+		echo "Installing: nodejs npm"; SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+
+$(OHIF_STAMP): viewer/ohif.py | $(STAMP) node
 	$(PY) manage.py ohif_install --force
 
 run test bench: $(OHIF_STAMP)
@@ -98,7 +106,7 @@ OFFLINE_VIEWER_SOURCES := $(addprefix $(OFFLINE_VIEWER)/,index.html viewer.js vi
 .PHONY: offline-viewer
 offline-viewer: $(OFFLINE_VIEWER_STAMP)
 
-$(OFFLINE_VIEWER_STAMP): $(OFFLINE_VIEWER_SOURCES)
+$(OFFLINE_VIEWER_STAMP): $(OFFLINE_VIEWER_SOURCES) | node
 	cd $(OFFLINE_VIEWER) && npm ci --no-audit --no-fund --ignore-scripts && node build.js
 	touch $@
 
