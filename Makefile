@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The address printed, and written on Access and Request Pages, follows HOST and PORT
+# unless SITE_URL says otherwise.
+run: export SITE_URL := $(or $(SITE_URL),http://$(HOST):$(PORT))
 run: $(STAMP)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_setup
