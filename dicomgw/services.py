@@ -204,36 +204,113 @@ def ingest_file(*, facility: Facility, path: str | os.PathLike | None = None,
     """
     if (path is None) == (fileobj is None):
         raise DicomGatewayError("ingest_file takes exactly one of path or fileobj")
-    if source not in IngestSource.values:
-        raise DicomGatewayError(f"unknown ingest source {source!r}")
-
-    spool_dir = Path(settings.SPOOL_DIR)
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    fd, spool_name = tempfile.mkstemp(dir=spool_dir, prefix="ingest-", suffix=".dcm")
-    spool_path = Path(spool_name)
-    try:
-        with os.fdopen(fd, "w+b") as spool:
-            received = None
-            try:
-                received = _receive(spool, spool_path, path=path, fileobj=fileobj)
-                header = _check_and_read(received)
-            except _Rejected as rejected:
-                log.info("ingest rejected: facility=%s bytes=%s reason=%s", facility.pk,
-                         received.size if received else None, rejected.reason)
-                return IngestOutcome(
-                    status=IngestStatus.REJECTED, reason=rejected.reason,
-                    sha256=received.sha256 if received else "",
-                )
-            return _archive(facility=facility, received=received, header=header,
-                            source=source)
-    finally:
-        spool_path.unlink(missing_ok=True)
+    with IngestBatch(facility=facility, source=source) as batch:
+        batch.add(path=path, fileobj=fileobj)
+        return batch.archive()[0]
 
 
 def ingest_files(*, facility: Facility, paths: Iterable[str | os.PathLike],
                  source: str) -> list[IngestOutcome]:
-    """``ingest_file`` for each path, in order; one file's rejection stops nothing."""
-    return [ingest_file(facility=facility, path=path, source=source) for path in paths]
+    """``ingest_file`` for each path, in order, archived together (``IngestBatch``);
+    one file's rejection stops nothing."""
+    with IngestBatch(facility=facility, source=source) as batch:
+        for path in paths:
+            batch.add(path=path)
+        return batch.archive()
+
+
+class IngestBatch:
+    """Files archived together: each is received and checked as it is ``add``-ed (one
+    after another, as they come off a request body or a disc), then ``archive`` stores
+    and indexes them all, the index in one transaction: one query finds which are
+    archived already, one finds their series, one inserts the instances, and each
+    series and study touched has its counters changed once. What is accepted, and how
+    it is stored, is ``ingest_file``'s; the outcomes are the same as ingesting each
+    file on its own, in order. Used as a context manager, which removes the spooled
+    copies of whatever was not archived."""
+
+    def __init__(self, *, facility: Facility, source: str):
+        if source not in IngestSource.values:
+            raise DicomGatewayError(f"unknown ingest source {source!r}")
+        self.facility, self.source = facility, source
+        self._items: list[_Received | IngestOutcome] = []
+        self._headers: dict[int, _Header] = {}
+        self.spool_dir = Path(settings.SPOOL_DIR)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> IngestBatch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, *, path: str | os.PathLike | None = None,
+            fileobj: BinaryIO | None = None) -> IngestOutcome | None:
+        """Receive and check one file (``path``, or ``fileobj`` read from its current
+        position); the REJECTED outcome when it cannot be archived, else None (it will
+        be archived by ``archive``). Raises only for a spool that cannot be written."""
+        if (path is None) == (fileobj is None):
+            raise DicomGatewayError("add takes exactly one of path or fileobj")
+        fd, spool_name = tempfile.mkstemp(dir=self.spool_dir, prefix="ingest-", suffix=".dcm")
+        spool_path = Path(spool_name)
+        spool = os.fdopen(fd, "w+b")
+        received = None
+        try:
+            received = _receive(spool, spool_path, path=path, fileobj=fileobj)
+            header = _check_and_read(received)
+        except _Rejected as rejected:
+            spool.close()
+            spool_path.unlink(missing_ok=True)
+            log.info("ingest rejected: facility=%s bytes=%s reason=%s", self.facility.pk,
+                     received.size if received else None, rejected.reason)
+            outcome = IngestOutcome(status=IngestStatus.REJECTED, reason=rejected.reason,
+                                    sha256=received.sha256 if received else "")
+            self._items.append(outcome)
+            return outcome
+        except BaseException:
+            spool.close()
+            spool_path.unlink(missing_ok=True)
+            raise
+        self._headers[len(self._items)] = header
+        self._items.append(received)
+        return None
+
+    def archive(self) -> list[IngestOutcome]:
+        """Store and index every file added that was not rejected; the outcome of each
+        file added, in order."""
+        outcomes: list[IngestOutcome | None] = [
+            item if isinstance(item, IngestOutcome) else None for item in self._items]
+        waiting = [(i, item, self._headers[i]) for i, item in enumerate(self._items)
+                   if isinstance(item, _Received)]
+        # A SOP instance sent twice in one batch: the first is archived with the batch,
+        # the later ones after it, each finding the one before.
+        first: dict[str, tuple[int, _Received, _Header]] = {}
+        later = []
+        for entry in waiting:
+            if entry[2].sop_instance_uid in first:
+                later.append(entry)
+            else:
+                first[entry[2].sop_instance_uid] = entry
+        try:
+            for i, outcome in _archive_many(facility=self.facility, source=self.source,
+                                            entries=list(first.values())):
+                outcomes[i] = outcome
+            for i, received, header in later:
+                outcomes[i] = _archive(facility=self.facility, received=received,
+                                       header=header, source=self.source)
+        finally:
+            self.close()
+        return outcomes
+
+    def close(self) -> None:
+        for item in self._items:
+            if isinstance(item, _Received):
+                item.spool.close()
+                item.path.unlink(missing_ok=True)
+        self._items, self._headers = [], {}
 
 
 # --- Receiving ---------------------------------------------------------------------
@@ -706,11 +783,143 @@ def only_row(queryset: models.QuerySet) -> models.Model | None:
     return next(iter(queryset.order_by()[:1]), None)
 
 
+class _SpooledFile(File):
+    """A spooled file as storage takes it: a local storage moves it into place
+    (``temporary_file_path``) rather than copying it; any other storage reads it."""
+
+    def temporary_file_path(self) -> str:
+        return self.name
+
+
+def _store(instance: Instance | InstanceConflict, received: _Received, name: str) -> None:
+    """Put the received bytes in the archive's storage under a name of its own: the
+    spooled file itself when it is still there, else a copy of it (read through the
+    handle, which outlives the name)."""
+    received.spool.flush()
+    received.spool.seek(0)
+    spooled = (_SpooledFile if received.path.exists() else File)(
+        received.spool, name=str(received.path))
+    instance.file.save(name, spooled, save=False)
+
+
+def _archive_many(*, facility: Facility, source: str,
+                  entries: list[tuple[int, _Received, _Header]]
+                  ) -> Iterable[tuple[int, IngestOutcome]]:
+    """``_archive`` for checked files of distinct SOP Instance UIDs, indexed in one
+    transaction; yields each entry's number and outcome. Should another process index
+    one of the same instances meanwhile, the transaction is undone and each file is
+    archived on its own, which settles the race."""
+    if not entries:
+        return
+    existing = {row.sop_instance_uid: row for row in Instance.objects.filter(
+        facility=facility, sop_instance_uid__in=[h.sop_instance_uid for _i, _r, h in entries]
+    ).order_by()}
+    new = []
+    for i, received, header in entries:
+        row = existing.get(header.sop_instance_uid)
+        if row is not None:
+            yield i, _already_archived(row, received=received, source=source,
+                                       **_found(received, header))
+        else:
+            new.append((i, received, header))
+    instances = []
+    try:
+        for _i, received, header in new:
+            instance = _new_instance(facility, received, header, source)
+            _store(instance, received, "instance.dcm")
+            instances.append(instance)
+        with transaction.atomic():
+            _index_instances(instances, facility=facility,
+                             headers=[header for _i, _r, header in new])
+    except IntegrityError:
+        for instance in instances:
+            instance.file.delete(save=False)
+        for i, received, header in new:
+            yield i, _archive(facility=facility, received=received, header=header,
+                              source=source)
+        return
+    except BaseException:
+        for instance in instances:
+            instance.file.delete(save=False)
+        raise
+    for instance, (i, received, header) in zip(instances, new, strict=True):
+        log.debug("ingest stored: facility=%s instance=%s series=%s bytes=%s", facility.pk,
+                  instance.pk, instance.series_id, received.size)
+        yield i, IngestOutcome(status=IngestStatus.STORED, instance=instance,
+                               **_found(received, header))
+
+
+def _found(received: _Received, header: _Header) -> dict:
+    return {"sha256": received.sha256, "sop_instance_uid": header.sop_instance_uid,
+            "study_instance_uid": header.study_instance_uid}
+
+
+def _new_instance(facility: Facility, received: _Received, header: _Header,
+                  source: str) -> Instance:
+    return Instance(
+        facility=facility, sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
+        size=received.size, sha256=received.sha256, source=source, **header.instance)
+
+
+def _index_instances(instances: list[Instance], *, facility: Facility,
+                     headers: list[_Header]) -> None:
+    """Within the caller's transaction: find or create the patient, study and series of
+    each instance (the series in one query, new ones made), insert the instances
+    together and keep the counters right. Counters change by increments, which the
+    database applies one after the other, once for each series and study touched, in
+    the order of their ids (so that concurrent ingests do not deadlock) and after the
+    insert, so ingests into one study wait for each other only briefly. The study's
+    modalities change only when a series is added: then the study row is locked before
+    the series are read, so that of two ingests adding series at once, the later sees
+    both."""
+    keys = {(h.study_instance_uid, h.series_instance_uid): h for h in headers}
+    found = {(s.study.study_instance_uid, s.series_instance_uid): s
+             for s in Series.objects.select_related("study").filter(
+                 study__facility=facility,
+                 series_instance_uid__in={series for _study, series in keys}).order_by()}
+    created: set[int] = set()
+    for key, header in keys.items():
+        if key not in found:
+            found[key], was_created = _series_for(facility=facility, header=header)
+            if was_created:
+                created.add(found[key].pk)
+    per_series: dict[int, list[int]] = {}
+    for instance, header in zip(instances, headers, strict=True):
+        series = found[(header.study_instance_uid, header.series_instance_uid)]
+        instance.series = series
+        counts = per_series.setdefault(series.pk, [0, 0])
+        counts[0] += 1
+        counts[1] += instance.size
+    Instance.objects.bulk_create(instances)
+    per_study: dict[int, list[int]] = {}
+    for series_pk in sorted(per_series):
+        count, size = per_series[series_pk]
+        Series.objects.filter(pk=series_pk).update(
+            num_instances=F("num_instances") + count, total_bytes=F("total_bytes") + size)
+    for series in found.values():
+        if series.pk in per_series:
+            counts = per_study.setdefault(series.study_id, [0, 0, 0])
+            counts[0] += per_series[series.pk][0]
+            counts[1] += per_series[series.pk][1]
+            counts[2] += series.pk in created
+    for study_pk in sorted(per_study):
+        count, size, new_series = per_study[study_pk]
+        changes = {"num_instances": F("num_instances") + count,
+                   "total_bytes": F("total_bytes") + size, "updated_at": timezone.now()}
+        if new_series:
+            Study.objects.select_for_update().filter(pk=study_pk).values_list("pk").first()
+            modalities = sorted(set(Series.objects.filter(study_id=study_pk).values_list(
+                "modality", flat=True)) - {""})
+            changes.update(num_series=F("num_series") + new_series,
+                           modalities=_fit(Study, "modalities", "\\".join(modalities)))
+        Study.objects.filter(pk=study_pk).update(**changes)
+
+
 def _archive(*, facility: Facility, received: _Received, header: _Header,
              source: str) -> IngestOutcome:
     """Store a checked file and index it, or recognise it as already archived."""
-    found = {"sha256": received.sha256, "sop_instance_uid": header.sop_instance_uid,
-             "study_instance_uid": header.study_instance_uid}
+    found = _found(received, header)
     # A second try covers the race of two processes storing the same instance: the
     # loser's insert fails on the unique constraint and it then finds the winner's row.
     for _attempt in range(3):
@@ -719,18 +928,11 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
         if existing is not None:
             return _already_archived(existing, received=received, source=source, **found)
 
-        instance = Instance(
-            facility=facility, sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid, size=received.size,
-            sha256=received.sha256, source=source, **header.instance,
-        )
-        received.spool.seek(0)
-        instance.file.save("instance.dcm", File(received.spool), save=False)
+        instance = _new_instance(facility, received, header, source)
+        _store(instance, received, "instance.dcm")
         try:
             with transaction.atomic():
-                _index_instance(instance, facility=facility, header=header,
-                                size=received.size)
+                _index_instances([instance], facility=facility, headers=[header])
         except IntegrityError:
             instance.file.delete(save=False)
             continue
@@ -743,40 +945,6 @@ def _archive(*, facility: Facility, received: _Received, header: _Header,
         return IngestOutcome(status=IngestStatus.STORED, instance=instance, **found)
     raise DicomGatewayError("the instance could not be archived: concurrent writes kept "
                             "conflicting")
-
-
-def _index_instance(instance: Instance, *, facility: Facility, header: _Header,
-                    size: int) -> None:
-    """Within the caller's transaction: find or create the patient, study and series,
-    save the instance and keep the counters right. Counters change by increments, which
-    the database applies one after the other, and the rows they touch are updated last,
-    so ingests into one study wait for each other only briefly. The study's modalities
-    change only when a series is added: then the study row is locked before the series
-    are read, so that of two ingests adding series at once, the later sees both."""
-    # Most files belong to a series already indexed: one query finds it and its study.
-    series = only_row(Series.objects.select_related("study").filter(
-        study__facility=facility, study__study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid))
-    series_created = False
-    if series is None:
-        series, series_created = _series_for(facility=facility, header=header)
-    study = series.study
-    instance.series = series
-    instance.save()
-
-    Series.objects.filter(pk=series.pk).update(
-        num_instances=F("num_instances") + 1, total_bytes=F("total_bytes") + size,
-    )
-    changes = {"num_instances": F("num_instances") + 1, "total_bytes": F("total_bytes") + size,
-               "updated_at": timezone.now()}
-    if series_created:
-        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
-        modalities = sorted(
-            set(Series.objects.filter(study=study).values_list("modality", flat=True)) - {""}
-        )
-        changes.update(num_series=F("num_series") + 1,
-                       modalities=_fit(Study, "modalities", "\\".join(modalities)))
-    Study.objects.filter(pk=study.pk).update(**changes)
 
 
 def _series_for(*, facility: Facility, header: _Header) -> tuple[Series, bool]:
@@ -826,8 +994,7 @@ def _already_archived(existing: Instance, *, received: _Received, source: str,
             sop_instance_uid=existing.sop_instance_uid, size=received.size,
             sha256=received.sha256, source=source,
         )
-        received.spool.seek(0)
-        conflict.file.save("conflict.dcm", File(received.spool), save=False)
+        _store(conflict, received, "conflict.dcm")
         try:
             with transaction.atomic():
                 conflict.save()

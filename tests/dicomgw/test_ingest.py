@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.db.models import QuerySet
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -39,6 +40,7 @@ from dicomgw.models import (
 )
 from dicomgw.services import (
     DicomGatewayError,
+    IngestBatch,
     IngestStatus,
     ingest_file,
     ingest_files,
@@ -922,13 +924,13 @@ def test_the_spool_is_left_empty(facility, testdata_dir, settings):
 
 def test_a_failure_while_indexing_leaves_no_rows_and_no_file(facility, testdata_dir,
                                                              monkeypatch):
-    original_save = Instance.save
+    original_insert = QuerySet.bulk_create
 
-    def save_then_fail(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
+    def insert_then_fail(self, *args, **kwargs):
+        original_insert(self, *args, **kwargs)
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(Instance, "save", save_then_fail)
+    monkeypatch.setattr(QuerySet, "bulk_create", insert_then_fail)
 
     with pytest.raises(RuntimeError):
         ingest_file(facility=facility, path=testdata_dir / JAPANESE_CD / "DCMDT" / "D0000000",
@@ -942,16 +944,16 @@ def test_losing_the_race_to_store_an_instance_ends_as_a_duplicate(facility, test
     """Another process archives the instance between our look-up and our insert: the
     unique constraint fails ours, and the retry finds theirs."""
     path = testdata_dir / JAPANESE_CD / "DCMDT" / "D0000000"
-    real_file = services.File
+    real_store = services._store
     raced = []
 
-    def file_after_a_rival_stored_it(content):
+    def store_after_a_rival_stored_it(*args):
         if not raced:
             raced.append(None)
             raced[0] = ingest_file(facility=facility, path=path, source=IngestSource.SCP)
-        return real_file(content)
+        return real_store(*args)
 
-    monkeypatch.setattr(services, "File", file_after_a_rival_stored_it)
+    monkeypatch.setattr(services, "_store", store_after_a_rival_stored_it)
 
     outcome = ingest_file(facility=facility, path=path, source=IngestSource.UPLOAD)
 
@@ -960,6 +962,70 @@ def test_losing_the_race_to_store_an_instance_ends_as_a_duplicate(facility, test
     assert outcome.instance == raced[0].instance
     assert row_counts(facility) == (1, 1, 1, 1, 0, 1)
     assert Study.objects.get().num_instances == 1
+
+
+def test_a_batch_archives_like_one_file_at_a_time(facility, testdata_dir, tmp_path,
+                                                 django_assert_max_num_queries):
+    """Files added to one batch (30 images, in queries not growing with their number) end
+    as ingesting each on its own would leave them: the
+    same outcomes in order (a file sent twice, a rejected one, one archived before),
+    the same rows and counters, the bytes moved from the spool into the archive."""
+    images = files_under(testdata_dir / JAPANESE_CD / "DCMDT")[:30]
+    not_dicom = tmp_path / "AUTORUN.INF"
+    not_dicom.write_text("[autorun]\nopen=viewer.exe\n")
+    ingest_file(facility=facility, path=images[0], source=IngestSource.SCP)
+    work = [*images, not_dicom, images[5]]
+
+    with django_assert_max_num_queries(25), IngestBatch(
+            facility=facility, source=IngestSource.UPLOAD) as batch:
+        for path in work:
+            batch.add(path=path)
+        outcomes = batch.archive()
+
+    assert [o.status for o in outcomes] == (
+        [IngestStatus.DUPLICATE] + [IngestStatus.STORED] * 29
+        + [IngestStatus.REJECTED, IngestStatus.DUPLICATE])
+    assert "text file" in outcomes[30].reason
+    assert outcomes[31].instance == outcomes[5].instance
+    assert [o.sop_instance_uid for o in outcomes[:30]] == [
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in images]
+    for outcome, path in zip(outcomes[1:30], images[1:], strict=True):
+        assert outcome.instance.pk is not None
+        with outcome.instance.file.open("rb") as fh:
+            assert fh.read() == as_stored(path.read_bytes())
+    study = Study.objects.get(facility=facility)
+    assert study.num_instances == 30 == Instance.objects.filter(facility=facility).count()
+    assert study.total_bytes == sum(p.stat().st_size for p in images)
+    assert study.num_series == study.series.count()
+    assert study.modalities == "MR"
+    for series in study.series.all():
+        assert series.num_instances == series.instances.count()
+        assert series.total_bytes == sum(i.size for i in series.instances.all())
+    assert len(stored_files()) == 30
+    assert not list(Path(settings.SPOOL_DIR).iterdir())
+
+
+def test_a_batch_spread_over_studies_counts_each_one(facility, tmp_path):
+    """Three new studies, two series each, in one batch: every counter exact."""
+    paths = []
+    for study in range(3):
+        study_uid = generate_uid()
+        for series in range(2):
+            series_uid = generate_uid()
+            for image in range(3):
+                paths.append(make_dicom(
+                    tmp_path / f"{study}-{series}-{image}.dcm", StudyInstanceUID=study_uid,
+                    SeriesInstanceUID=series_uid, Modality=("CT", "SR")[series],
+                    PatientID=f"P{study}"))
+
+    outcomes = ingest_files(facility=facility, paths=paths, source=IngestSource.UPLOAD)
+
+    assert {o.status for o in outcomes} == {IngestStatus.STORED}
+    assert row_counts(facility) == (3, 3, 6, 18, 0, 18)
+    for study in Study.objects.filter(facility=facility):
+        assert (study.num_series, study.num_instances, study.modalities) == (2, 6, "CT\\SR")
+        assert study.total_bytes == sum(i.size for i in Instance.objects.filter(
+            series__study=study))
 
 
 @pytest.mark.django_db(transaction=True)
