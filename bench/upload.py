@@ -1,5 +1,6 @@
 """Upload benchmark: a 2,000-file MR/CT folder sent through the upload portal's real HTTP
-path (PIN, announcements, one PUT per file, ingest into the archive index), beside
+path (PIN, announcements, the files several to a request as the portal's script sends
+them, ingest into the archive index), beside
 Orthanc's own ingest of the same files (``POST /instances``), in the same run.
 
 Everything runs on 127.0.0.1 in a throwaway folder: a PostgreSQL database created and
@@ -36,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
@@ -84,10 +85,11 @@ def generate_folder(out_dir: Path, *, files: int) -> list[Path]:
 # --- Feeding a server -----------------------------------------------------------------
 
 
-def parallel(paths: list[Path], clients: int, port: int, send) -> float:
-    """``send(connection, path)`` for every path, from ``clients`` threads with one
-    kept-alive connection each; returns the seconds from start to the last answer."""
-    queue = list(reversed(paths))
+def parallel(items: list, clients: int, port: int, send) -> float:
+    """``send(connection, item)`` for every item (a file's path, or a list of them),
+    from ``clients`` threads with one kept-alive connection each; returns the seconds
+    from start to the last answer."""
+    queue = list(reversed(items))
     lock = threading.Lock()
     failures: list[str] = []
 
@@ -98,11 +100,11 @@ def parallel(paths: list[Path], clients: int, port: int, send) -> float:
                 with lock:
                     if not queue or failures:
                         return
-                    path = queue.pop()
+                    item = queue.pop()
                 try:
-                    send(connection, path)
+                    send(connection, item)
                 except Exception as exc:  # reported after the run
-                    failures.append(f"{path.name}: {exc}")
+                    failures.append(f"{item}: {exc}"[:500])
         finally:
             connection.close()
 
@@ -180,13 +182,36 @@ class Uploader:
             if status != 200 or any(f["outcome"] != "pending" for f in answer["files"]):
                 raise RuntimeError(f"announcement refused: {status} {data[:300]!r}")
 
-    def put(self, connection, path: Path) -> None:
+    def send(self, connection, batch: list[Path]) -> None:
+        """Files several to a request, as the portal's script sends them."""
+        manifest = json.dumps({"files": [{"path": self.relative(p), "size": p.stat().st_size}
+                                         for p in batch]}).encode()
+        body = manifest + b"".join(p.read_bytes() for p in batch)
         headers = self.headers(**{"Content-Type": "application/octet-stream",
-                                  "X-Upload-Path": quote(self.relative(path))})
-        status, _h, data = self.call("PUT", f"{self.base}/file", path.read_bytes(), headers,
+                                  "X-Upload-Manifest-Length": str(len(manifest))})
+        status, _h, data = self.call("POST", f"{self.base}/batch", body, headers,
                                      connection=connection)
-        if status != 200 or json.loads(data)["outcome"] != "stored":
+        if status != 200 or any(f.get("outcome") != "stored"
+                                for f in json.loads(data)["files"]):
             raise RuntimeError(f"{status} {data[:300]!r}")
+
+
+def batches(paths: list[Path]) -> list[list[Path]]:
+    """The paths grouped as the portal's script groups them (``nextBatch`` in
+    static/retrieval/upload.js): up to UPLOAD_BATCH_FILES files and UPLOAD_BATCH_BYTES
+    bytes to a request, a larger file alone."""
+    from django.conf import settings
+
+    grouped, current, size = [], [], 0
+    for path in paths:
+        file_size = path.stat().st_size
+        if current and (len(current) == settings.UPLOAD_BATCH_FILES
+                        or size + file_size > settings.UPLOAD_BATCH_BYTES):
+            grouped.append(current)
+            current, size = [], 0
+        current.append(path)
+        size += file_size
+    return [*grouped, current] if current else grouped
 
 
 def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float:
@@ -194,7 +219,7 @@ def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float
     uploader = Uploader(port, facility, pin, root)
     started = time.perf_counter()
     uploader.announce(paths)
-    parallel(paths, clients, port, uploader.put)
+    parallel(batches(paths), clients, port, uploader.send)
     elapsed = time.perf_counter() - started
     if archived(facility) != len(paths):
         raise RuntimeError(f"the archive holds {archived(facility)} of {len(paths)} files")

@@ -414,6 +414,10 @@ UPLOAD_SESSION_ENGINE = RECIPIENT_SESSION_ENGINE
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 20_000)
 UPLOAD_MAX_BYTES = env_int("UPLOAD_MAX_BYTES", 100 * 1024**3)
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", INGEST_MAX_FILE_BYTES)
+# The browser sends a disc's small files several to a request (one transaction for
+# them all), up to this many files and UPLOAD_BATCH_BYTES.
+UPLOAD_BATCH_FILES = env_int("UPLOAD_BATCH_FILES", 100)
+UPLOAD_BATCH_BYTES = env_int("UPLOAD_BATCH_BYTES", 8 * 1024**2)
 # Files the browser sends at once, each in its own request.
 UPLOAD_PARALLEL = env_int("UPLOAD_PARALLEL", 4)
 # Receiving stops (the browser waits and retries) while less than this is free.

@@ -39,7 +39,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from dicomgw.models import IngestSource, Patient
-from dicomgw.services import IngestStatus, describe_non_dicom, ingest_file, only_row
+from dicomgw.services import IngestBatch, IngestStatus, describe_non_dicom, ingest_file
 from pockethealth.codes import PIN_LENGTH, pin_hash, pin_normalise
 from pockethealth.models import AuditEvent, Facility
 from pockethealth.services import audit_record
@@ -404,84 +404,158 @@ class _Body:
         return chunk
 
 
-def file_receive(*, record_request: RecordRequest, path: str, size: int, stream: BinaryIO,
-                 now: datetime.datetime) -> UploadedFile:
-    """Receive the bytes of a file announced in the request's open upload (``size`` of
-    them from ``stream``) and settle its row: archived through ``ingest_file`` for the
-    requesting facility, or listed with the reason it was not. A file already settled is
-    not read again.
+@dataclass(frozen=True)
+class SentFile:
+    """One file of a batch as the browser names it: its path on the disc, and how many
+    of the body's bytes are its own."""
 
-    The file is archived first (``ingest_file`` commits on its own), then its row is
-    settled if it is still pending: a file settled is archived, and one archived whose
-    row was not settled (a dropped connection, a crash in between) is sent again by the
-    uploader's browser and settled then, as already archived. Raises ``UploadIncomplete`` when the
-    body ends early, ``UploadBusy`` when storage is almost full, ``RetrievalError`` for
-    a file that was not announced or whose size changed, or when no upload is open."""
-    path = path_clean(path)
+    path: str
+    size: int
+
+
+@dataclass
+class FileAnswer:
+    """What became of one file of a batch: its row, settled (or settled before, and not
+    read again), or why it was not taken (``error``)."""
+
+    path: str
+    row: UploadedFile | None = None
+    error: str = ""
+
+
+def files_receive(*, record_request: RecordRequest, files: list[SentFile],
+                  stream: BinaryIO, now: datetime.datetime) -> list[FileAnswer]:
+    """Receive a batch of files announced in the request's open upload, their bytes one
+    after another in ``stream`` (each ``SentFile.size`` long), and settle their rows:
+    archived for the requesting facility (``IngestBatch``: every file checked as it
+    arrives, all indexed together), or listed with the reason they were not. A file
+    settled before is not read again.
+
+    The files are archived first (which commits on its own), then their rows settled if
+    still pending: a file settled is archived, and one archived whose row was not
+    settled (a dropped connection, a crash in between) is sent again by the uploader's
+    browser and settled then, as already archived. When the body ends early, the files
+    that arrived whole are kept and settled, then ``UploadIncomplete`` is raised. Raises
+    ``UploadBusy`` when storage is almost full and ``RetrievalError`` when no upload is
+    open."""
     _check_free_space()
-    row = only_row(_open_rows(path).filter(upload__request=record_request))
-    if row is None:
-        if upload_current(record_request) is None:
-            raise RetrievalError(_("This upload is finished."))
-        raise RetrievalError(_("This file was not announced."))
-    row = _settle(row, record_request, size=size, stream=stream, now=now)
-    _mark_uploading(record_request)
-    return row
+    paths = [path_clean(f.path) for f in files]
+    rows = {row.path: row for row in _open_rows(paths).filter(
+        upload__request=record_request)}
+    if not rows and upload_current(record_request) is None:
+        raise RetrievalError(_("This upload is finished."))
+    return _settle_many(rows, record_request, files=files, paths=paths, stream=stream,
+                        now=now)
 
 
-def session_file_receive(*, request_id: int, binding: str, facility: str, path: str,
-                         size: int, stream: BinaryIO, now: datetime.datetime
-                         ) -> UploadedFile | None:
-    """``file_receive`` for an uploader's session, which names its request by id and
-    binding: the request is read together with the file's row, in one query. None,
+def session_files_receive(*, request_id: int, binding: str, facility: str,
+                          files: list[SentFile], stream: BinaryIO, now: datetime.datetime
+                          ) -> list[FileAnswer] | None:
+    """``files_receive`` for an uploader's session, which names its request by id and
+    binding: the request is read together with the files' rows, in one query. None,
     with nothing read, when that finds no row of an open upload whose request is still
     open, of ``facility`` and bound to ``binding``; the caller then looks closer (the
-    session may have ended, the file not been announced)."""
-    path = path_clean(path)
+    session may have ended, the files not been announced)."""
     _check_free_space()
-    row = only_row(_open_rows(path).select_related("upload__request__facility")
-                   .filter(upload__request_id=request_id))
-    if row is None:
+    paths = [path_clean(f.path) for f in files]
+    rows = {row.path: row for row in _open_rows(paths).select_related(
+        "upload__request__facility").filter(upload__request_id=request_id)}
+    if not rows:
         return None
-    record_request = row.upload.request
+    record_request = next(iter(rows.values())).upload.request
     if not (record_request.is_open and record_request.facility.short_name == facility
             and binding == request_session_binding(record_request)):
         return None
-    row = _settle(row, record_request, size=size, stream=stream, now=now)
-    _mark_uploading(record_request)
-    return row
+    return _settle_many(rows, record_request, files=files, paths=paths, stream=stream,
+                        now=now)
 
 
-def _open_rows(path: str):
-    """The row of ``path`` in an open upload."""
+def _open_rows(paths: list[str]):
+    """The rows of ``paths`` in an open upload."""
     return UploadedFile.objects.select_related("upload").filter(
-        upload__status=Upload.Status.OPEN, path=path)
+        upload__status=Upload.Status.OPEN, path__in=paths).order_by()
 
 
-def _settle(row: UploadedFile, record_request: RecordRequest, *, size: int,
-            stream: BinaryIO, now: datetime.datetime) -> UploadedFile:
+def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *,
+                 files: list[SentFile], paths: list[str], stream: BinaryIO,
+                 now: datetime.datetime) -> list[FileAnswer]:
+    answers: list[FileAnswer] = []
+    settled: list[UploadedFile] = []
+    waiting: list[tuple[int, UploadedFile]] = []  # (number in the batch, row)
+    incomplete = False
+    with IngestBatch(facility=record_request.facility, source=IngestSource.UPLOAD) as batch:
+        for sent, path in zip(files, paths, strict=True):
+            body = _Body(stream, sent.size)
+            row = rows.get(path)
+            if row is None or row.outcome != Outcome.PENDING or sent.size != row.size:
+                answers.append(_not_taken(row, path, sent.size))
+                _drain(body)
+            elif (posixpath.basename(row.path).upper() == DICOMDIR_NAME
+                  and sent.size <= DICOMDIR_MAX_BYTES):
+                _receive_dicomdir(row.upload, row, body)
+                settled.append(row)
+                answers.append(FileAnswer(path, row))
+            else:
+                waiting.append((len(batch), row))
+                batch.add(fileobj=body)
+                answers.append(FileAnswer(path, row))
+            if body.incomplete or body.read_bytes != sent.size:
+                incomplete = True
+                # What was cut short is not settled: the browser sends it again.
+                if waiting and waiting[-1][1] is row:
+                    waiting.pop()
+                if settled and settled[-1] is row:
+                    settled.pop()
+                answers.pop()
+                break
+        outcomes = batch.archive()
+    for number, row in waiting:
+        _outcome_apply(row, outcomes[number])
+        settled.append(row)
+    for row in settled:
+        row.received_at = now
+    _rows_settle(settled)
+    if settled:
+        _mark_uploading(record_request)
+    if incomplete:
+        raise UploadIncomplete(_("The file did not arrive whole."))
+    return answers
+
+
+def _not_taken(row: UploadedFile | None, path: str, size: int) -> FileAnswer:
+    if row is None:
+        return FileAnswer(path, error=_("This file was not announced."))
     if row.outcome != Outcome.PENDING:
         log.info("upload %s: file %s sent again after it was settled; not read",
                  row.upload_id, row.pk)
-        return row
-    if size != row.size:
-        raise RetrievalError(_("The file changed after it was chosen: choose the folder "
-                               "again."))
-    body = _Body(stream, size)
-    if posixpath.basename(row.path).upper() == DICOMDIR_NAME and size <= DICOMDIR_MAX_BYTES:
-        _receive_dicomdir(row.upload, row, body)
-    else:
-        _receive_file(record_request.facility, row, body)
-    if body.incomplete or body.read_bytes != size:
-        raise UploadIncomplete(_("The file did not arrive whole."))
-    row.received_at = now
-    settled = UploadedFile.objects.filter(pk=row.pk, outcome=Outcome.PENDING).update(
-        outcome=row.outcome, reason=row.reason, sha256=row.sha256, instance=row.instance,
-        received_at=now)
-    if not settled:
-        # The same file, sent twice at once, was settled by the other request.
-        return UploadedFile.objects.get(pk=row.pk)
-    return row
+        return FileAnswer(path, row)
+    return FileAnswer(path, error=_("The file changed after it was chosen: choose the "
+                                    "folder again."))
+
+
+def _drain(body: _Body) -> None:
+    """Read past a file that is not taken, to the next one."""
+    try:
+        while body.read(CHUNK):
+            pass
+    except OSError:
+        pass
+
+
+def _rows_settle(rows: list[UploadedFile]) -> None:
+    """Write the rows' outcomes, those still pending only: of the same file sent twice
+    at once, the first settled stays, and the other answer gives it."""
+    if not rows:
+        return
+    with transaction.atomic():
+        pending = set(UploadedFile.objects.select_for_update().filter(
+            pk__in=[r.pk for r in rows], outcome=Outcome.PENDING).values_list("pk", flat=True))
+        UploadedFile.objects.bulk_update(
+            [r for r in rows if r.pk in pending],
+            ["outcome", "reason", "sha256", "instance", "received_at"])
+    for row in rows:
+        if row.pk not in pending:
+            row.refresh_from_db()
 
 
 def _mark_uploading(record_request: RecordRequest) -> None:
@@ -501,8 +575,8 @@ def _check_free_space() -> None:
                            "by itself."))
 
 
-def _receive_file(facility: Facility, row: UploadedFile, body: _Body) -> None:
-    outcome = ingest_file(facility=facility, fileobj=body, source=IngestSource.UPLOAD)
+def _outcome_apply(row: UploadedFile, outcome) -> None:
+    """Put what ingest made of a file on its row."""
     row.sha256 = outcome.sha256
     row.instance = outcome.instance
     if outcome.status == IngestStatus.STORED:
@@ -530,7 +604,8 @@ def _receive_dicomdir(upload: Upload, row: UploadedFile, body: _Body) -> None:
         referenced = dicomdir_file_ids(spool.name)
         if referenced is None:
             spool.seek(0)
-            _receive_file(upload.request.facility, row, _Body(spool, body.size))
+            _outcome_apply(row, ingest_file(facility=upload.request.facility,
+                                            fileobj=spool, source=IngestSource.UPLOAD))
             return
     base = posixpath.dirname(row.path)
     listed = [posixpath.join(base, file_id) if base else file_id for file_id in referenced]

@@ -12,6 +12,7 @@ urlpatterns = [
     path("<slug:facility>/files", views.upload_files, name="upload-files"),
     path("<slug:facility>/announce", views.upload_announce, name="upload-announce"),
     path("<slug:facility>/file", views.upload_file, name="upload-file"),
+    path("<slug:facility>/batch", views.upload_batch, name="upload-batch"),
     path("<slug:facility>/review", views.upload_review, name="upload-review"),
     path("<slug:facility>/confirm", views.upload_confirm_view, name="upload-confirm"),
     path("<slug:facility>/done", views.upload_done, name="upload-done"),

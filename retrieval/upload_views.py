@@ -41,21 +41,23 @@ from .upload import (
     DECLINE_SUGGESTIONS,
     HEAD_BYTES,
     AnnouncedFile,
+    FileAnswer,
     PinRefused,
     PinThrottled,
     RequestClosed,
+    SentFile,
     UploadBusy,
     UploadIncomplete,
     UploadLimit,
     facility_for_portal,
-    file_receive,
     files_announce,
+    files_receive,
     pin_is_well_formed,
     request_decline,
     request_open_by_link,
     request_open_by_pin,
     request_session_binding,
-    session_file_receive,
+    session_files_receive,
     upload_confirm,
     upload_current,
     upload_open,
@@ -71,6 +73,8 @@ SEEN_GRANULARITY = 60
 # What a notice-only session (after a session ended) lives for.
 NOTICE_SECONDS = 300
 PATH_HEADER = "X-Upload-Path"
+MANIFEST_HEADER = "X-Upload-Manifest-Length"
+MANIFEST_MAX_BYTES = 1024 * 1024
 
 upload_session = separate_session(
     attribute="upload_session", cookie_setting="UPLOAD_SESSION_COOKIE_NAME",
@@ -354,7 +358,8 @@ def upload_files(request: HttpRequest, record_request: RecordRequest,
         pending=upload.files.filter(outcome=UploadedFile.Outcome.PENDING).count(),
         config={
             "announceUrl": reverse("upload-announce", args=[facility]),
-            "fileUrl": reverse("upload-file", args=[facility]),
+            "batchUrl": reverse("upload-batch", args=[facility]),
+            "batchFiles": settings.UPLOAD_BATCH_FILES, "batchBytes": settings.UPLOAD_BATCH_BYTES,
             "reviewUrl": reverse("upload-review", args=[facility]),
             "parallel": settings.UPLOAD_PARALLEL, "batch": ANNOUNCE_BATCH,
             "headBytes": HEAD_BYTES, "maxFiles": settings.UPLOAD_MAX_FILES,
@@ -417,57 +422,90 @@ def upload_announce(request: HttpRequest, record_request: RecordRequest,
 @upload_session
 def upload_file(request: HttpRequest, facility: str) -> HttpResponse:
     """One announced file, its bytes the request body and its path (percent-encoded
-    UTF-8) in the X-Upload-Path header. Answers with what became of it.
+    UTF-8) in the X-Upload-Path header. Answers with what became of it."""
+    path = unquote(request.headers.get(PATH_HEADER, ""), errors="strict")
+    try:
+        size = int(request.META.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return _json_error(_("The file's size is missing."), 411)
+    answers = _files_take(request, facility, [SentFile(path, size)])
+    if isinstance(answers, HttpResponse):
+        return answers
+    if answers[0].error:
+        return _json_error(answers[0].error, 409)
+    return JsonResponse(_file_json(answers[0]))
 
-    A disc is thousands of these, so the session's request is read together with the
-    file's row; anything but a file to settle for a live session goes the way of every
-    other view (``uploader_required``), which says what is wrong."""
+
+@require_POST
+@upload_session
+def upload_batch(request: HttpRequest, facility: str) -> HttpResponse:
+    """Several announced files in one request, which is how the browser sends a disc's
+    small files: the body is a manifest (JSON, ``{"files": [{"path", "size"}, ...]}``,
+    X-Upload-Manifest-Length bytes long), then each file's bytes in the manifest's
+    order. Answers with what became of each file: ``{"files": [{"path", "outcome",
+    "label", "reason"} or {"path", "error"}, ...]}``."""
+    try:
+        files = _manifest(request)
+    except ValueError:
+        return _json_error(_("The list of files sent could not be read."), 400)
+    answers = _files_take(request, facility, files)
+    if isinstance(answers, HttpResponse):
+        return answers
+    return JsonResponse({"files": [_file_json(answer) for answer in answers]})
+
+
+def _manifest(request: HttpRequest) -> list[SentFile]:
+    """The batch's files, read from the start of the body; ValueError when the manifest
+    is unreadable, names too many files, or does not add up to the body's length."""
+    length = int(request.headers.get(MANIFEST_HEADER, ""))
+    if not 0 < length <= MANIFEST_MAX_BYTES:
+        raise ValueError("manifest length")
+    payload = json.loads(request.read(length))
+    items = payload.get("files") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not 0 < len(items) <= settings.UPLOAD_BATCH_FILES:
+        raise ValueError("manifest files")
+    files = []
+    for item in items:
+        path, size = item.get("path") if isinstance(item, dict) else None, item.get("size")
+        if not isinstance(path, str) or not isinstance(size, int) or size < 0:
+            raise ValueError("manifest entry")
+        files.append(SentFile(path, size))
+    if int(request.META.get("CONTENT_LENGTH") or 0) != length + sum(f.size for f in files):
+        raise ValueError("body length")
+    return files
+
+
+def _files_take(request: HttpRequest, facility: str, files: list[SentFile]
+                ) -> list[FileAnswer] | HttpResponse:
+    """Receive ``files`` from the request's body for the session's request. A disc is
+    thousands of files, so the session's request is read together with the files' rows;
+    anything but files to settle for a live session goes the way of every other view
+    (``uploader_required``), which says what is wrong."""
     now = _now()
     session = request.upload_session
     request_id = session.get(REQUEST)
-    if not request_id or _session_ended(session, now):
-        return _upload_file_checked(request, facility)
-    try:
-        path, size = _file_path_and_size(request)
-        row = session_file_receive(request_id=request_id, binding=session.get(BINDING, ""),
-                                   facility=facility, path=path, size=size, stream=request,
-                                   now=now)
-    except _FileRefused as refused:
-        return refused.response
-    except RetrievalError as refused:
-        return _file_error(refused)
-    if row is None:
-        return _upload_file_checked(request, facility)
-    _session_seen(session, now)
-    return _file_answer(row)
+    if request_id and not _session_ended(session, now):
+        try:
+            answers = session_files_receive(
+                request_id=request_id, binding=session.get(BINDING, ""), facility=facility,
+                files=files, stream=request, now=now)
+        except RetrievalError as refused:
+            return _file_error(refused)
+        if answers is not None:
+            _session_seen(session, now)
+            return answers
+    return _files_take_checked(request, facility, files=files)
 
 
 @uploader_required
-def _upload_file_checked(request: HttpRequest, record_request: RecordRequest,
-                         now: datetime.datetime) -> HttpResponse:
+def _files_take_checked(request: HttpRequest, record_request: RecordRequest,
+                        now: datetime.datetime, *, files: list[SentFile]
+                        ) -> list[FileAnswer] | HttpResponse:
     try:
-        path, size = _file_path_and_size(request)
-        row = file_receive(record_request=record_request, path=path, size=size,
-                           stream=request, now=now)
-    except _FileRefused as refused:
-        return refused.response
+        return files_receive(record_request=record_request, files=files, stream=request,
+                             now=now)
     except RetrievalError as refused:
         return _file_error(refused)
-    return _file_answer(row)
-
-
-class _FileRefused(Exception):
-    def __init__(self, response: HttpResponse):
-        super().__init__(response.status_code)
-        self.response = response
-
-
-def _file_path_and_size(request: HttpRequest) -> tuple[str, int]:
-    path = unquote(request.headers.get(PATH_HEADER, ""), errors="strict")
-    try:
-        return path, int(request.META.get("CONTENT_LENGTH") or "")
-    except ValueError:
-        raise _FileRefused(_json_error(_("The file's size is missing."), 411)) from None
 
 
 def _file_error(refused: RetrievalError) -> HttpResponse:
@@ -480,9 +518,12 @@ def _file_error(refused: RetrievalError) -> HttpResponse:
     return _json_error(str(refused), 409)
 
 
-def _file_answer(row: UploadedFile) -> HttpResponse:
-    return JsonResponse({"path": row.path, "outcome": row.outcome,
-                         "label": str(row.get_outcome_display()), "reason": row.reason})
+def _file_json(answer: FileAnswer) -> dict:
+    if answer.row is None:
+        return {"path": answer.path, "error": answer.error}
+    row = answer.row
+    return {"path": row.path, "outcome": row.outcome,
+            "label": str(row.get_outcome_display()), "reason": row.reason}
 
 
 # --- Summary, confirm, done ------------------------------------------------------------

@@ -1,6 +1,7 @@
 // The upload portal's sender: choose a disc or folder (picker or drag and drop), announce
 // its files to the server in batches (path, size, first bytes), then send those the
-// server does not have yet, one per request, several at once, with progress, automatic
+// server does not have yet, several to a request and several requests at once (a large
+// file goes alone), with progress, automatic
 // retries, and recovery after a dropped connection: before sending again, the browser
 // asks the server which files it has, so nothing already received is sent twice.
 (function () {
@@ -44,7 +45,9 @@
     items: [],        // {file, path, size, status: "new"|"queued"|"sending"|"done"|"failed", loaded}
     byPath: new Map(),
     queue: [],
-    active: new Set(),
+    active: new Set(),  // the files of the requests in flight
+    sending: 0,         // requests in flight
+    waiting: 0,         // files set aside to try again shortly
     announced: false,
     offline: false,
     recovering: null,
@@ -292,75 +295,120 @@
   // --- Sending ---------------------------------------------------------------------------
 
   function pump() {
-    while (!state.fatal && !state.offline && state.active.size < config.parallel && state.queue.length) {
-      send(state.queue.shift());
+    while (!state.fatal && !state.offline && state.sending < config.parallel && state.queue.length) {
+      send(nextBatch());
     }
     render();
-    if (!state.fatal && state.announced && !state.queue.length && !state.active.size && !state.recovering) finish();
+    if (!state.fatal && state.announced && !state.queue.length && !state.active.size && !state.waiting && !state.recovering) finish();
   }
 
-  function send(item) {
-    item.status = "sending";
-    item.loaded = 0;
-    state.active.add(item);
-    const row = activeRow(item);
+  // The next files to send together: a disc is mostly small images, and one request for
+  // many of them costs the server far less than one each. A large file goes alone.
+  function nextBatch() {
+    const batch = [];
+    let bytes = 0;
+    while (state.queue.length && batch.length < config.batchFiles) {
+      const item = state.queue[0];
+      if (batch.length && bytes + item.size > config.batchBytes) break;
+      batch.push(state.queue.shift());
+      bytes += item.size;
+    }
+    return batch;
+  }
+
+  // One request: a manifest (paths and sizes, in order), then the files' bytes. The
+  // browser streams the files from the disc; nothing is read into memory here.
+  function send(batch) {
+    state.sending += 1;
+    batch.forEach(function (item) {
+      item.status = "sending";
+      item.loaded = 0;
+      state.active.add(item);
+    });
+    const row = activeRow(batch);
+    const manifest = new TextEncoder().encode(JSON.stringify({
+      files: batch.map(function (item) { return { path: item.path, size: item.size }; }),
+    }));
+    const total = batch.reduce(function (sum, item) { return sum + item.size; }, 0);
     const xhr = new XMLHttpRequest();
-    xhr.open("PUT", config.fileUrl);
-    xhr.setRequestHeader("X-Upload-Path", encodeURIComponent(item.path));
+    xhr.open("POST", config.batchUrl);
+    xhr.setRequestHeader("X-Upload-Manifest-Length", String(manifest.length));
     xhr.setRequestHeader("X-CSRFToken", csrf);
     xhr.setRequestHeader("Accept", "application/json");
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
     xhr.upload.onprogress = function (event) {
-      item.loaded = event.loaded;
-      row.querySelector(".progress-bar").style.width = (item.size ? 100 * event.loaded / item.size : 100) + "%";
+      let left = Math.max(0, event.loaded - manifest.length);
+      batch.forEach(function (item) {
+        item.loaded = Math.min(item.size, left);
+        left -= item.loaded;
+      });
+      const sent = Math.max(0, event.loaded - manifest.length);
+      row.querySelector(".progress-bar").style.width = (total ? Math.min(100, 100 * sent / total) : 100) + "%";
       render();
     };
     xhr.onload = function () {
       let data = {};
       try { data = JSON.parse(xhr.responseText); } catch (e) { data = {}; }
-      finished(item, row);
-      if (xhr.status === 200) {
-        settle(item, data);
+      finished(batch, row);
+      if (xhr.status === 200 && Array.isArray(data.files) && data.files.length === batch.length) {
+        data.files.forEach(function (result, k) {
+          if (result.error) fail(batch[k], result.error);
+          else settle(batch[k], result);
+        });
       } else if (xhr.status === 401) {
         stop(data.error, data.signin);
-        item.status = "queued";
-        state.queue.unshift(item);
+        requeue(batch);
       } else if (xhr.status === 413) {
         stop(data.error);
       } else if (xhr.status >= 500 || xhr.status === 429 || (xhr.status === 400 && data.retry)) {
-        retryLater(item);
+        retryLater(batch);
       } else {
-        fail(item, data.error || String(xhr.status));
+        batch.forEach(function (item) { fail(item, data.error || String(xhr.status)); });
       }
       pump();
     };
     xhr.onerror = xhr.ontimeout = function () {
-      finished(item, row);
-      item.status = "queued";
-      state.queue.unshift(item);
+      finished(batch, row);
+      requeue(batch);
       recover();
     };
-    xhr.send(item.file);
+    xhr.send(new Blob([manifest].concat(batch.map(function (item) { return item.file; }))));
   }
 
-  function finished(item, row) {
-    state.active.delete(item);
-    item.loaded = 0;
+  function requeue(batch) {
+    batch.slice().reverse().forEach(function (item) {
+      item.status = "queued";
+      state.queue.unshift(item);
+    });
+  }
+
+  function finished(batch, row) {
+    state.sending -= 1;
+    batch.forEach(function (item) {
+      state.active.delete(item);
+      item.loaded = 0;
+    });
     row.remove();
   }
 
-  function retryLater(item) {
-    item.attempts = (item.attempts || 0) + 1;
-    if (item.attempts > 6) {
-      fail(item, say("failed"));
-      return;
-    }
-    item.status = "waiting";
+  function retryLater(batch) {
+    const again = [];
+    batch.forEach(function (item) {
+      item.attempts = (item.attempts || 0) + 1;
+      if (item.attempts > 6) {
+        fail(item, say("failed"));
+      } else {
+        item.status = "waiting";
+        again.push(item);
+      }
+    });
+    if (!again.length) return;
+    state.waiting += 1;
     setTimeout(function () {
-      item.status = "queued";
-      state.queue.unshift(item);
+      state.waiting -= 1;
+      requeue(again);
       pump();
-    }, delay(item.attempts));
+    }, delay(again[0].attempts));
   }
 
   function fail(item, message) {
@@ -407,17 +455,18 @@
     else stop(String(error));
   }
 
-  function activeRow(item) {
+  function activeRow(batch) {
     const li = document.createElement("li");
     const name = document.createElement("span");
     name.className = "mono u-active-name";
-    name.textContent = item.path;
+    name.textContent = batch[0].path;
     const bar = document.createElement("div");
     bar.className = "progress u-active-bar";
     bar.innerHTML = '<div class="progress-bar" style="width:0%"></div>';
     const amount = document.createElement("span");
     amount.className = "u-active-size muted";
-    amount.textContent = size(item.size);
+    const bytes = batch.reduce(function (sum, item) { return sum + item.size; }, 0);
+    amount.textContent = batch.length === 1 ? size(bytes) : files(batch.length) + " · " + size(bytes);
     li.append(name, bar, amount);
     $("[data-active]").append(li);
     return li;

@@ -6,6 +6,7 @@ moves from sent to received (or declined) with every step audited."""
 import datetime
 import hashlib
 import io
+import json
 
 import pytest
 from django.test import Client
@@ -17,8 +18,9 @@ from retrieval.models import RecordRequest, RequestStudy, Upload, UploadedFile
 from retrieval.services import request_cancel
 from retrieval.upload import (
     RetrievalError,
+    SentFile,
     UploadIncomplete,
-    file_receive,
+    files_receive,
     request_open_by_pin,
     upload_open,
 )
@@ -189,12 +191,88 @@ def test_a_body_cut_short_is_not_kept_and_the_file_stays_to_send(made, disc):
     uploader.announce([image])
     data = image.source.read_bytes()
     with pytest.raises(UploadIncomplete):
-        file_receive(record_request=made.request, path=image.path, size=len(data),
-                     stream=io.BytesIO(data[:100_000]), now=timezone.now())
+        files_receive(record_request=made.request, files=[SentFile(image.path, len(data))],
+                      stream=io.BytesIO(data[:100_000]), now=timezone.now())
     row = UploadedFile.objects.get(path=image.path)
     assert row.outcome == "pending" and row.instance is None
     assert not Instance.objects.exists()
     assert uploader.put(image.path, data).json()["outcome"] == "stored"
+
+
+def test_a_request_of_several_files_settles_each_and_refuses_only_the_wrong_ones(made, disc):
+    """Files not announced, changed since, or settled before are answered each on its
+    own, their bytes read past: every file after them arrives whole."""
+    images = sorted((f for f in disc if f.is_dicom and "DCMDT" in f.path),
+                    key=lambda f: f.path)[:6]
+    uploader = uploader_for(made)
+    uploader.announce(images[1:])
+    assert uploader.send(images[1:2]) == {images[1].path: "stored"}
+    data = {f.path: f.source.read_bytes() for f in images}
+    response = uploader.batch([
+        (images[0].path, data[images[0].path]),            # not announced
+        (images[1].path, data[images[1].path]),            # settled before
+        (images[2].path, data[images[2].path]),
+        (images[3].path, data[images[3].path][:-2]),       # changed since
+        (images[4].path, data[images[4].path]),
+        ("DISC/README.TXT", b"not announced either"),
+        (images[5].path, data[images[5].path]),
+    ])
+    assert response.status_code == 200
+    answers = response.json()["files"]
+    assert "not announced" in answers[0]["error"] and "not announced" in answers[5]["error"]
+    assert "changed" in answers[3]["error"]
+    assert [answers[i]["outcome"] for i in (1, 2, 4, 6)] == ["stored"] * 4
+    for image in (images[1], images[2], images[4], images[5]):
+        row = UploadedFile.objects.get(path=image.path)
+        assert row.outcome == "stored"
+        with row.instance.file.open("rb") as fh:
+            assert fh.read()[128:] == data[image.path][128:]
+    assert UploadedFile.objects.get(path=images[3].path).outcome == "pending"
+    assert Instance.objects.count() == 4
+
+
+def test_a_request_of_several_files_cut_short_keeps_the_files_that_arrived(made, disc):
+    images = [f for f in disc if f.is_dicom and "DCMDT" in f.path][:3]
+    uploader = uploader_for(made)
+    uploader.announce(images)
+    data = [f.source.read_bytes() for f in images]
+    body = data[0] + data[1] + data[2][:5000]
+    with pytest.raises(UploadIncomplete):
+        files_receive(record_request=made.request,
+                      files=[SentFile(f.path, len(d)) for f, d in zip(images, data, strict=True)],
+                      stream=io.BytesIO(body), now=timezone.now())
+    outcomes = {row.path: row.outcome for row in UploadedFile.objects.all()}
+    assert outcomes == {images[0].path: "stored", images[1].path: "stored",
+                        images[2].path: "pending"}
+    assert Instance.objects.count() == 2
+    assert uploader.send(images) == {images[0].path: "stored", images[1].path: "stored",
+                                     images[2].path: "stored"}
+
+
+@pytest.mark.parametrize("case", ["unreadable", "too long", "too short", "lengths", "many"])
+def test_a_request_of_several_files_with_a_wrong_manifest_stores_nothing(made, disc,
+                                                                         settings, case):
+    settings.UPLOAD_BATCH_FILES = 3
+    images = [f for f in disc if f.is_dicom and "DCMDT" in f.path][:4]
+    uploader = uploader_for(made)
+    uploader.announce(images)
+    files = [(f.path, f.source.read_bytes()) for f in images[:2]]
+    if case == "unreadable":
+        response = uploader.batch(files, manifest=b"{not json")
+    elif case == "too long":
+        response = uploader.batch(files, length=10**9)
+    elif case == "too short":
+        response = uploader.batch(files, length=0)
+    elif case == "lengths":
+        manifest = json.dumps({"files": [{"path": p, "size": len(d) + 1}
+                                         for p, d in files]}).encode()
+        response = uploader.batch(files, manifest=manifest)
+    else:
+        response = uploader.batch([(f.path, f.source.read_bytes()) for f in images])
+    assert response.status_code == 400
+    assert response.json()["error"] == "The list of files sent could not be read."
+    assert not Instance.objects.exists()
+    assert set(UploadedFile.objects.values_list("outcome", flat=True)) == {"pending"}
 
 
 def test_files_not_announced_or_changed_since_are_refused(made, disc):
@@ -341,5 +419,5 @@ def test_a_file_of_a_finished_upload_is_refused(made, disc):
     uploader.send([f for f in disc if f.is_dicom][:2])
     Upload.objects.filter(request=made.request).update(status=Upload.Status.CONFIRMED)
     with pytest.raises(RetrievalError, match="This upload is finished"):
-        file_receive(record_request=made.request, path=uploader.base, size=1,
-                     stream=io.BytesIO(b"x"), now=timezone.now())
+        files_receive(record_request=made.request, files=[SentFile(uploader.base, 1)],
+                      stream=io.BytesIO(b"x"), now=timezone.now())

@@ -1,7 +1,9 @@
 """Driving the upload portal over HTTP the way its script does: the PIN, "Ready to
-Upload", announcements of files read from disc, one PUT per file."""
+Upload", announcements of files read from disc, the files sent several to a request
+(or one PUT each)."""
 
 import base64
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -71,17 +73,36 @@ class Uploader:
                                headers={"X-Upload-Path": quote(path),
                                         "Accept": "application/json"})
 
-    def send(self, files: list[DiscFile]) -> dict[str, str]:
-        """Announce ``files`` and send those the server asks for; the outcome of each."""
+    def batch(self, files: list[tuple[str, bytes]], *, manifest: bytes | None = None,
+              length: int | None = None):
+        """Several files in one request, as the portal's script sends them: a manifest
+        of paths and sizes, then the bytes of each."""
+        if manifest is None:
+            manifest = json.dumps({"files": [{"path": path, "size": len(data)}
+                                             for path, data in files]}).encode()
+        return self.client.post(
+            f"{self.base}/batch", data=manifest + b"".join(data for _path, data in files),
+            content_type="application/octet-stream",
+            headers={"X-Upload-Manifest-Length": str(
+                len(manifest) if length is None else length), "Accept": "application/json"})
+
+    def send(self, files: list[DiscFile], *, per_request: int = 20) -> dict[str, str]:
+        """Announce ``files`` and send those the server asks for, ``per_request`` to a
+        request; the outcome of each."""
         outcomes = {}
         for start in range(0, len(files), 1000):
-            batch = files[start:start + 1000]
-            answer = self.announce(batch)
+            chunk = files[start:start + 1000]
+            answer = self.announce(chunk)
             assert answer.status_code == 200, answer.content[:500]
-            for disc_file, result in zip(batch, answer.json()["files"], strict=True):
+            wanted = []
+            for disc_file, result in zip(chunk, answer.json()["files"], strict=True):
                 if result["outcome"] == "pending":
-                    response = self.put(disc_file.path, disc_file.source.read_bytes())
-                    assert response.status_code == 200, response.content[:500]
-                    result = response.json()
+                    wanted.append(disc_file)
                 outcomes[disc_file.path] = result["outcome"]
+            for first in range(0, len(wanted), per_request):
+                group = wanted[first:first + per_request]
+                response = self.batch([(f.path, f.source.read_bytes()) for f in group])
+                assert response.status_code == 200, response.content[:500]
+                for disc_file, result in zip(group, response.json()["files"], strict=True):
+                    outcomes[disc_file.path] = result["outcome"]
         return outcomes
