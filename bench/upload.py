@@ -402,8 +402,10 @@ def main() -> None:
         server = Gunicorn(env, web_port, args.workers, 1, work / "gunicorn.log")
 
         print("Warming up…", flush=True)
-        upload_ours(web_port, paths[:100], root, args.clients)
-        upload_orthanc(http_port, paths[:100], args.clients)
+        # Enough requests that every worker has read a file (and imported pydicom).
+        warm_up = paths[:min(len(paths), 200 * args.workers)]
+        upload_ours(web_port, warm_up, root, args.clients)
+        upload_orthanc(http_port, warm_up, args.clients)
         orthanc_empty(http_port)
         for number in range(args.rounds):
             order = ("ours", "peer") if number % 2 == 0 else ("peer", "ours")

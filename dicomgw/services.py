@@ -613,15 +613,34 @@ def _binary_vr(raw: RawDataElement) -> bool:
 # --- Reading the index fields ------------------------------------------------------
 
 
+# The elements the index keeps, by tag: looking an element up by keyword costs a
+# dictionary search per read, and a file's header is read for every image received.
+SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+UID_LABELS = ((SOP_CLASS_UID, "SOP Class UID"), (SOP_INSTANCE_UID, "SOP Instance UID"),
+              (STUDY_INSTANCE_UID, "Study Instance UID"),
+              (SERIES_INSTANCE_UID, "Series Instance UID"))
+PATIENT_NAME, PATIENT_ID, ISSUER_OF_PATIENT_ID = 0x00100010, 0x00100020, 0x00100021
+PATIENT_BIRTH_DATE, PATIENT_SEX = 0x00100030, 0x00100040
+STUDY_DATE, STUDY_TIME, ACCESSION_NUMBER = 0x00080020, 0x00080030, 0x00080050
+REFERRING_PHYSICIAN_NAME, STUDY_DESCRIPTION, STUDY_ID = 0x00080090, 0x00081030, 0x00200010
+MODALITY, SERIES_DESCRIPTION, BODY_PART_EXAMINED = 0x00080060, 0x0008103E, 0x00180015
+SERIES_NUMBER, INSTANCE_NUMBER = 0x00200011, 0x00200013
+NUMBER_OF_FRAMES, ROWS, COLUMNS = 0x00280008, 0x00280010, 0x00280011
+
+
+def _value(ds: Dataset, tag: int):
+    """The value of the element ``tag`` of ``ds``, or None when it is absent."""
+    element = ds.get(tag)
+    return None if element is None else element.value
+
+
 def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
     from pydicom.multival import MultiValue
 
     uids = {}
-    for keyword, label in (("SOPClassUID", "SOP Class UID"),
-                           ("SOPInstanceUID", "SOP Instance UID"),
-                           ("StudyInstanceUID", "Study Instance UID"),
-                           ("SeriesInstanceUID", "Series Instance UID")):
-        value = ds.get(keyword)
+    for tag, label in UID_LABELS:
+        value = _value(ds, tag)
         if isinstance(value, MultiValue):
             raise _Rejected(f"its {label} holds more than one value")
         uid = _clean_uid(value)
@@ -630,44 +649,45 @@ def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
         if not _is_valid_uid(uid):
             raise _Rejected(f"its {label} is malformed (PS3.5 9.1: at most 64 digits "
                             "and dots)")
-        uids[keyword] = uid
-    name = _person_name(ds.get("PatientName"))
+        uids[tag] = uid
+    name = _person_name(_value(ds, PATIENT_NAME))
     patient = {
-        "patient_id": _fit(Patient, "patient_id", _text(ds.get("PatientID"))),
+        "patient_id": _fit(Patient, "patient_id", _text(_value(ds, PATIENT_ID))),
         "issuer_of_patient_id": _fit(Patient, "issuer_of_patient_id",
-                                     _text(ds.get("IssuerOfPatientID"))),
+                                     _text(_value(ds, ISSUER_OF_PATIENT_ID))),
         "name": _fit(Patient, "name", name),
-        "birth_date": _parse_date(ds.get("PatientBirthDate")),
-        "sex": _fit(Patient, "sex", _text(ds.get("PatientSex"))),
+        "birth_date": _parse_date(_value(ds, PATIENT_BIRTH_DATE)),
+        "sex": _fit(Patient, "sex", _text(_value(ds, PATIENT_SEX))),
     }
     patient["name_search"] = _fit(Patient, "name_search", name_search_key(patient["name"]))
     study = {
-        "study_date": _parse_date(ds.get("StudyDate")),
-        "study_time": _parse_time(ds.get("StudyTime")),
-        "description": _fit(Study, "description", _text(ds.get("StudyDescription"))),
-        "accession_number": _fit(Study, "accession_number", _text(ds.get("AccessionNumber"))),
+        "study_date": _parse_date(_value(ds, STUDY_DATE)),
+        "study_time": _parse_time(_value(ds, STUDY_TIME)),
+        "description": _fit(Study, "description", _text(_value(ds, STUDY_DESCRIPTION))),
+        "accession_number": _fit(Study, "accession_number",
+                                 _text(_value(ds, ACCESSION_NUMBER))),
         "referring_physician": _fit(Study, "referring_physician",
-                                    _person_name(ds.get("ReferringPhysicianName"))),
-        "study_id": _fit(Study, "study_id", _text(ds.get("StudyID"))),
+                                    _person_name(_value(ds, REFERRING_PHYSICIAN_NAME))),
+        "study_id": _fit(Study, "study_id", _text(_value(ds, STUDY_ID))),
     }
     series = {
-        "modality": _fit(Series, "modality", _text(ds.get("Modality"))),
-        "series_number": _bounded_int(ds.get("SeriesNumber")),
-        "description": _fit(Series, "description", _text(ds.get("SeriesDescription"))),
-        "body_part": _fit(Series, "body_part", _text(ds.get("BodyPartExamined"))),
+        "modality": _fit(Series, "modality", _text(_value(ds, MODALITY))),
+        "series_number": _bounded_int(_value(ds, SERIES_NUMBER)),
+        "description": _fit(Series, "description", _text(_value(ds, SERIES_DESCRIPTION))),
+        "body_part": _fit(Series, "body_part", _text(_value(ds, BODY_PART_EXAMINED))),
     }
     instance = {
-        "instance_number": _bounded_int(ds.get("InstanceNumber")),
-        "number_of_frames": _positive_int(ds.get("NumberOfFrames")) or 1,
-        "rows": _positive_int(ds.get("Rows")),
-        "columns": _positive_int(ds.get("Columns")),
+        "instance_number": _bounded_int(_value(ds, INSTANCE_NUMBER)),
+        "number_of_frames": _positive_int(_value(ds, NUMBER_OF_FRAMES)) or 1,
+        "rows": _positive_int(_value(ds, ROWS)),
+        "columns": _positive_int(_value(ds, COLUMNS)),
     }
     return _Header(
         transfer_syntax_uid=str(transfer_syntax),
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
+        sop_class_uid=uids[SOP_CLASS_UID],
+        sop_instance_uid=uids[SOP_INSTANCE_UID],
+        study_instance_uid=uids[STUDY_INSTANCE_UID],
+        series_instance_uid=uids[SERIES_INSTANCE_UID],
         patient=patient, study=study, series=series, instance=instance,
     )
 

@@ -224,7 +224,7 @@ def test_a_request_of_several_files_settles_each_and_refuses_only_the_wrong_ones
     assert [answers[i]["outcome"] for i in (1, 2, 4, 6)] == ["stored"] * 4
     for image in (images[1], images[2], images[4], images[5]):
         row = UploadedFile.objects.get(path=image.path)
-        assert row.outcome == "stored"
+        assert row.outcome == "stored" and row.received_at is not None
         with row.instance.file.open("rb") as fh:
             assert fh.read()[128:] == data[image.path][128:]
     assert UploadedFile.objects.get(path=images[3].path).outcome == "pending"
