@@ -107,10 +107,12 @@ CONFLICT_REASON = (
 )
 
 PREAMBLE_LENGTH = 128  # PS3.10 7.1
+SPOOL_FOLDERS = 16
 CHUNK_SIZE = 1024 * 1024
-# Elements larger than this are left on disc while the file is checked, so a big image
-# does not have to fit in memory; their extent is still checked against the file size.
-DEFER_SIZE = 1024 * 1024
+# Elements larger than this are left on disc while the file is checked, so an image's
+# pixels are not read into memory (nor need to fit there); their extent is still checked
+# against the file size.
+DEFER_SIZE = 64 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), little endian (PS3.5 7.5)
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
@@ -235,7 +237,10 @@ class IngestBatch:
         self.facility, self.source = facility, source
         self._items: list[_Received | IngestOutcome] = []
         self._headers: dict[int, _Header] = {}
-        self.spool_dir = Path(settings.SPOOL_DIR)
+        # A folder per process (of a few): files made in and renamed out of one folder
+        # by several processes at once wait for each other on the folder's lock, which
+        # cost more than checking the file.
+        self.spool_dir = Path(settings.SPOOL_DIR) / "ingest" / f"{os.getpid() % SPOOL_FOLDERS:x}"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> IngestBatch:
