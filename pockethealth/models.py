@@ -12,6 +12,13 @@ short_name_validator = RegexValidator(
 )
 
 
+host_name_validator = RegexValidator(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$",
+    _("Enter a host name such as upload.st-anthony.org: lower-case letters, digits, "
+      "hyphens and dots, no scheme or path."),
+)
+
+
 def time_zone_choices():
     return [(name, name) for name in sorted(zoneinfo.available_timezones())]
 
@@ -23,6 +30,12 @@ class Facility(models.Model):
     short_name = models.CharField(
         _("short name"), max_length=40, unique=True, validators=[short_name_validator],
         help_text=_("Used in the facility's upload address, e.g. /upload/st-anthony."),
+    )
+    upload_host = models.CharField(
+        _("upload host name"), max_length=253, blank=True, validators=[host_name_validator],
+        help_text=_("Optional: a host name of the facility's own (e.g. upload.st-anthony.org) "
+                    "that points at this server. Request Pages then print it as the upload "
+                    "address; it must also be listed in ALLOWED_HOSTS."),
     )
     address = models.TextField(_("address"), blank=True)
     phone = models.CharField(_("phone"), max_length=40, blank=True)
@@ -39,9 +52,17 @@ class Facility(models.Model):
         verbose_name = _("facility")
         verbose_name_plural = _("facilities")
         ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["upload_host"], condition=~models.Q(upload_host=""),
+                                    name="facility_upload_host_unique"),
+        ]
 
     def __str__(self):
         return self.name
+
+    def save(self, *args, **kwargs):
+        self.upload_host = self.upload_host.strip().lower()
+        super().save(*args, **kwargs)
 
 
 class StaffUser(AbstractUser):

@@ -15,6 +15,7 @@ import smtplib
 import zoneinfo
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -131,7 +132,11 @@ def name_as_read(name: str) -> str:
 
 
 def upload_address(facility: Facility) -> str:
-    """The upload portal of the requesting facility: where the outside facility goes."""
+    """The upload portal of the requesting facility: where the outside facility goes.
+    The facility's own host name when it has one (``retrieval.middleware`` leads its
+    visitors to the portal), else the portal's path on this site."""
+    if facility.upload_host:
+        return f"{urlsplit(settings.SITE_URL).scheme}://{facility.upload_host}"
     return f"{settings.SITE_URL}/upload/{facility.short_name}"
 
 
