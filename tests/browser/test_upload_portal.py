@@ -1,7 +1,8 @@
 """An outside facility in Chromium: enters the PIN, reads the request, uploads the real
 patient CD as a folder (all 67 images byte for byte, the JPEGs, README.TXT and
 AUTORUN.INF listed and left out, the Japanese name shown), confirms; an upload whose
-server goes down midway resumes by itself without sending a stored file again; and a
+server goes down midway resumes by itself without sending a stored file again; a dropped
+folder is read whole (its directories a few entries at a time) and uploaded; and a
 request is declined."""
 
 import datetime
@@ -166,6 +167,77 @@ def test_the_patient_cd_is_uploaded_as_a_folder_and_confirmed(
     shoot(page, artifacts_dir, "upload-7-done", tablet=True)
     made.request.refresh_from_db()
     assert made.request.status == RecordRequest.Status.RECEIVED
+
+
+# What Chromium hands a page for a dropped folder: FileSystemEntry objects, a directory
+# read through a reader that returns its entries a few at a time (at most 100 per call in
+# Chromium) until it returns none. A test cannot drop a folder from the desktop, so the
+# same objects are made in the page around the disc's real files (read through a file
+# input), handing out fewer entries per call than Chromium does, and dropped.
+DROP_FOLDER = """([files, perCall]) => {
+  const root = {name: "", children: new Map()};
+  for (const file of files) {
+    const parts = file.webkitRelativePath.split("/");
+    let dir = root;
+    parts.slice(0, -1).forEach((part, i) => {
+      if (!dir.children.has(part)) {
+        dir.children.set(part, {name: part, children: new Map(),
+                                path: "/" + parts.slice(0, i + 1).join("/")});
+      }
+      dir = dir.children.get(part);
+    });
+    dir.children.set(parts[parts.length - 1], {file, path: "/" + file.webkitRelativePath});
+  }
+  let calls = 0;
+  const entry = (node) => node.file ? {
+    isFile: true, isDirectory: false, name: node.file.name, fullPath: node.path,
+    file: (resolve) => setTimeout(() => resolve(node.file), 0),
+  } : {
+    isFile: false, isDirectory: true, name: node.name, fullPath: node.path,
+    createReader: () => {
+      const left = Array.from(node.children.values());
+      return {readEntries: (resolve) => setTimeout(() => {
+        calls += 1;
+        resolve(left.splice(0, perCall).map(entry));
+      }, 0)};
+    },
+  };
+  const top = Array.from(root.children.values())[0];
+  const event = new Event("drop", {bubbles: true, cancelable: true});
+  Object.defineProperty(event, "dataTransfer", {value: {
+    items: [{webkitGetAsEntry: () => entry(top)}], files: [], dropEffect: "none"}});
+  document.querySelector("[data-drop]").dispatchEvent(event);
+  return new Promise((resolve) => {
+    const wait = () => document.querySelector("[data-chosen]").hidden
+      ? setTimeout(wait, 20) : resolve(calls);
+    wait();
+  });
+}"""
+
+
+def test_a_dropped_folder_is_read_whole_and_uploaded(made, page, cd_dir, artifacts_dir):
+    page.goto(f"/upload/{made.request.facility.short_name}")
+    enter_pin_and_begin(page, made)
+    page.evaluate("""() => {
+      const input = document.createElement("input");
+      input.type = "file"; input.webkitdirectory = true; input.id = "disc-files";
+      input.hidden = true;
+      document.body.append(input);
+    }""")
+    page.locator("#disc-files").set_input_files(cd_dir)
+    disc = page.locator("#disc-files").evaluate_handle("input => Array.from(input.files)")
+    calls = page.evaluate(DROP_FOLDER, [disc, 7])
+    # Every folder read to its end: 7 entries a call, then the call that returns none.
+    folders = [cd_dir, *(p for p in cd_dir.rglob("*") if p.is_dir())]
+    assert calls == sum(-(-len(list(f.iterdir())) // 7) + 1 for f in folders)
+    expect(page.locator("[data-chosen-name]")).to_have_text(f"Folder “{CD}”")
+    expect(page.locator("[data-chosen-summary]")).to_have_text("249 files, 39.4 MB")
+
+    page.get_by_role("button", name="Upload", exact=True).click()
+    page.wait_for_url("**/review", timeout=120_000)
+    assert_disc_archived(made, cd_dir)
+    expect(page.locator(".u-stats dd").first).to_have_text("67")
+    expect(page.locator(".u-missing")).to_have_count(0)
 
 
 # --- A server that goes down midway --------------------------------------------------
