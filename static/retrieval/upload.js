@@ -136,6 +136,8 @@
       title.textContent = before;
       const name = entries.length === 1 && entries[0].isDirectory ? entries[0].name : "";
       choose(found, name);
+    }, function () {
+      title.textContent = say("unreadable");
     });
   });
 

@@ -240,6 +240,25 @@ def test_a_dropped_folder_is_read_whole_and_uploaded(made, page, cd_dir, artifac
     expect(page.locator(".u-missing")).to_have_count(0)
 
 
+def test_a_dropped_folder_that_cannot_be_read_says_so(made, page, cd_dir):
+    page.goto(f"/upload/{made.request.facility.short_name}")
+    enter_pin_and_begin(page, made)
+    page.evaluate("""() => {
+      const folder = {isFile: false, isDirectory: true, name: "DISC", fullPath: "/DISC",
+        createReader: () => ({readEntries: (resolve, reject) =>
+          setTimeout(() => reject(new DOMException("gone", "NotReadableError")), 0)})};
+      const event = new Event("drop", {bubbles: true, cancelable: true});
+      Object.defineProperty(event, "dataTransfer", {value: {
+        items: [{webkitGetAsEntry: () => folder}], files: [], dropEffect: "none"}});
+      document.querySelector("[data-drop]").dispatchEvent(event);
+    }""")
+    expect(page.locator("[data-drop] .u-drop-title")).to_have_text(
+        "The folder could not be read. Choose it with the button below instead.")
+    expect(page.locator("[data-chosen]")).to_be_hidden()
+    page.locator("[data-folder-input]").set_input_files(cd_dir)
+    expect(page.locator("[data-chosen-summary]")).to_have_text("249 files, 39.4 MB")
+
+
 # --- A server that goes down midway --------------------------------------------------
 
 
