@@ -8,4 +8,6 @@ COPY . .
 RUN pip install --no-cache-dir . && python manage.py collectstatic --noinput
 ENV PH_VAR_DIR=/data/var
 EXPOSE 8000 11112
-CMD ["gunicorn", "pockethealth.wsgi", "--bind", "0.0.0.0:8000", "--workers", "4"]
+# Threaded workers: a download or upload may last minutes on a slow line, and a sync
+# worker is killed when one request outlasts --timeout.
+CMD ["gunicorn", "pockethealth.wsgi", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8"]
