@@ -5,16 +5,17 @@ Orthanc's own ingest of the same files (``POST /instances``), in the same run.
 
 Everything runs on 127.0.0.1 in a throwaway folder: a PostgreSQL database created and
 dropped for the run (``--postgres``, else SQLite), the shared cache on Redis, our server
-as gunicorn with WORKERS sync workers and persistent database connections (as in
-production), and an Orthanc with its storage in the same folder. Both are fed by the
-same client: CLIENTS threads, each on one kept-alive connection, taking the next file
-from a shared list. Ours is timed from the first announcement to the last file's
+as gunicorn (WORKERS workers of THREADS threads, as deployed) with persistent database
+connections (as in production), and an Orthanc with its storage in the same folder. Both
+are fed by the same client: CLIENTS threads, each on one kept-alive connection, taking
+the next request from a shared list. Ours is timed from the first announcement to the last file's
 answer; Orthanc from its first POST to its last answer. Each round gives ours a new
 request of a new facility (an empty archive) and Orthanc an emptied store; rounds
 alternate which goes first; medians are reported.
 
     .venv/bin/python bench/upload.py [--rounds 3] [--files 2000] [--clients 4]
-                                     [--workers 4] [--postgres postgres://user@host:5432/]
+                                     [--workers 4] [--threads 8]
+                                     [--postgres postgres://user@host:5432/]
                                      [--profile PREFIX] [--keep]
 
 The last line printed is one JSON object with the medians."""
@@ -354,7 +355,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4,
                         help="parallel connections, for both servers")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="threads per worker, as deployed (1: sync workers)")
     parser.add_argument("--postgres", metavar="URL", default=os.environ.get("BENCH_POSTGRES"),
                         help="PostgreSQL server (postgres://user@host:port/) to create the "
                              "run's database on; SQLite otherwise")
@@ -399,7 +402,7 @@ def main() -> None:
         config.root.mkdir()
         orthanc = start_orthanc(config)
         wait_for_orthanc(config, orthanc, stop=threading.Event())
-        server = Gunicorn(env, web_port, args.workers, 1, work / "gunicorn.log")
+        server = Gunicorn(env, web_port, args.workers, args.threads, work / "gunicorn.log")
 
         print("Warming up…", flush=True)
         # Enough requests that every worker has read a file (and imported pydicom).
@@ -450,7 +453,7 @@ def report(args, files: int, total: int, results: list[Round]) -> None:
     print()
     print(f"Upload of a {files}-file MR/CT folder ({megabytes:.0f} MB), {args.clients} "
           f"parallel connections, {len(results)} rounds")
-    rows = [(f"ours: portal on gunicorn -w {args.workers}, {database}",
+    rows = [(f"ours: gunicorn -w {args.workers} --threads {args.threads}, {database}",
              [r.ours for r in results], ours),
             ("Orthanc POST /instances", [r.peer for r in results], peer)]
     width = max(len(" ".join(f"{s:.2f}" for s in seconds)) for _, seconds, _ in rows)
