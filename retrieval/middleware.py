@@ -6,6 +6,7 @@ string, kept); the portal's pages and the static files are served as on the main
 
 import time
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.http.request import split_domain_port
 from django.urls import reverse
@@ -43,12 +44,13 @@ class UploadHostMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        path = request.path_info
+        if path.startswith(settings.STATIC_URL):  # served on every host, looked up by none
+            return self.get_response(request)
         short_name = facility_for_host(split_domain_port(request.get_host())[0])
         if short_name is not None:
             portal = reverse("upload-portal", args=[short_name])
-            path = request.path_info
-            if not (path == portal or path.startswith(f"{portal}/")
-                    or path.startswith("/static/")):
+            if not (path == portal or path.startswith(f"{portal}/")):
                 query = request.META.get("QUERY_STRING", "")
                 return HttpResponseRedirect(f"{portal}?{query}" if query else portal)
         return self.get_response(request)
