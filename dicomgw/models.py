@@ -300,9 +300,10 @@ class PacsNode(models.Model):
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
 
-class RetrieveJob(models.Model):
-    """Fetching one study from a PACS node into the archive (C-MOVE or C-GET), run by a
-    Celery task. COMPLETE only when every expected instance is archived."""
+class TaskJob(models.Model):
+    """Work a Celery task carries out: a run claims the row with a conditional UPDATE
+    (QUEUED, or RUNNING but untouched for too long, becomes RUNNING) and ends it
+    COMPLETE, PARTIAL or FAILED."""
 
     class Status(models.TextChoices):
         QUEUED = "queued", _("Queued")
@@ -310,6 +311,29 @@ class RetrieveJob(models.Model):
         COMPLETE = "complete", _("Complete")
         PARTIAL = "partial", _("Partial")
         FAILED = "failed", _("Failed")
+
+    LIVE_STATUSES = ("queued", "running")
+
+    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
+                              default=Status.QUEUED, db_index=True)
+    error = models.CharField(_("error"), max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in self.LIVE_STATUSES
+
+
+class RetrieveJob(TaskJob):
+    """Fetching one study from a PACS node into the archive (C-MOVE or C-GET), run by a
+    Celery task. COMPLETE only when every expected instance is archived."""
 
     facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
     node = models.ForeignKey(PacsNode, on_delete=models.PROTECT, related_name="retrieves")
@@ -327,8 +351,6 @@ class RetrieveJob(models.Model):
     study_date = models.DateField(_("study date"), null=True, blank=True)
     description = models.CharField(_("description"), max_length=200, blank=True)
     modalities = models.CharField(_("modalities"), max_length=200, blank=True)
-    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
-                              default=Status.QUEUED, db_index=True)
     expected = models.PositiveIntegerField(_("expected images"), null=True, blank=True)
     completed = models.PositiveIntegerField(_("completed"), default=0)
     remaining = models.PositiveIntegerField(_("remaining"), null=True, blank=True)
@@ -336,12 +358,6 @@ class RetrieveJob(models.Model):
     warning = models.PositiveIntegerField(_("warning"), default=0)
     archived = models.PositiveIntegerField(_("in the archive"), default=0)
     missing = models.JSONField(_("missing SOP instance UIDs"), default=list, blank=True)
-    error = models.CharField(_("error"), max_length=500, blank=True)
-    attempts = models.PositiveIntegerField(_("attempts"), default=0)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name = _("retrieve")
@@ -360,10 +376,6 @@ class RetrieveJob(models.Model):
         return f"Retrieve {self.pk}"
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in {self.Status.COMPLETE, self.Status.PARTIAL, self.Status.FAILED}
-
-    @property
     def progress_percent(self) -> int:
         """While running: the share of the study archived before the run or handled by
         the PACS since; once finished: the share in the archive."""
@@ -377,15 +389,41 @@ class RetrieveJob(models.Model):
         return max(0, min(100, round(100 * done / self.expected)))
 
 
-class PushJob(models.Model):
-    """Sending an archived study to a PACS node by C-STORE, with a result per instance."""
+class StoreJob(TaskJob):
+    """Sending a study to a PACS node by C-STORE, one instance after another, with a
+    result per instance (a ``StoreResult``)."""
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", _("Queued")
-        RUNNING = "running", _("In progress")
-        COMPLETE = "complete", _("Complete")
-        PARTIAL = "partial", _("Partial")
-        FAILED = "failed", _("Failed")
+    total = models.PositiveIntegerField(_("images"), default=0)
+    sent = models.PositiveIntegerField(_("sent"), default=0)
+    failed = models.PositiveIntegerField(_("failed"), default=0)
+    warning = models.PositiveIntegerField(_("warning"), default=0)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def progress_percent(self) -> int:
+        if not self.total:
+            return 100 if self.status == self.Status.COMPLETE else 0
+        done = self.sent if self.is_finished else self.sent + self.failed
+        return max(0, min(100, round(100 * done / self.total)))
+
+
+class StoreResult(models.Model):
+    """The C-STORE status of one instance of a ``StoreJob`` (PS3.4 Annex B.2.3)."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="+")
+    status = models.PositiveIntegerField(_("DIMSE status"), null=True, blank=True)
+    outcome = models.CharField(_("outcome"), max_length=10)  # success, warning, failure
+    detail = models.CharField(_("detail"), max_length=300, blank=True)
+    sent_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        abstract = True
+
+
+class PushJob(StoreJob):
+    """Sending an archived study to a PACS node by C-STORE, with a result per instance."""
 
     facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="+")
     node = models.ForeignKey(PacsNode, on_delete=models.PROTECT, related_name="pushes")
@@ -394,18 +432,6 @@ class PushJob(models.Model):
         "pockethealth.StaffUser", null=True, blank=True, on_delete=models.SET_NULL,
         related_name="+",
     )
-    status = models.CharField(_("status"), max_length=10, choices=Status.choices,
-                              default=Status.QUEUED, db_index=True)
-    total = models.PositiveIntegerField(_("images"), default=0)
-    sent = models.PositiveIntegerField(_("sent"), default=0)
-    failed = models.PositiveIntegerField(_("failed"), default=0)
-    warning = models.PositiveIntegerField(_("warning"), default=0)
-    error = models.CharField(_("error"), max_length=500, blank=True)
-    attempts = models.PositiveIntegerField(_("attempts"), default=0)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name = _("push")
@@ -422,27 +448,11 @@ class PushJob(models.Model):
     def __str__(self):
         return f"Push {self.pk}"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status in {self.Status.COMPLETE, self.Status.PARTIAL, self.Status.FAILED}
 
-    @property
-    def progress_percent(self) -> int:
-        if not self.total:
-            return 100 if self.status == self.Status.COMPLETE else 0
-        done = self.sent if self.is_finished else self.sent + self.failed
-        return max(0, min(100, round(100 * done / self.total)))
-
-
-class PushResult(models.Model):
+class PushResult(StoreResult):
     """The C-STORE status of one instance of a push (PS3.4 Annex B.2.3)."""
 
     push = models.ForeignKey(PushJob, on_delete=models.CASCADE, related_name="results")
-    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="+")
-    status = models.PositiveIntegerField(_("DIMSE status"), null=True, blank=True)
-    outcome = models.CharField(_("outcome"), max_length=10)  # success, warning, failure
-    detail = models.CharField(_("detail"), max_length=300, blank=True)
-    sent_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [

@@ -14,7 +14,7 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from dicomgw.models import Instance, Patient, Study
+from dicomgw.models import Instance, Patient, StoreJob, StoreResult, Study, TaskJob
 from pockethealth.models import Facility
 
 
@@ -387,7 +387,7 @@ class RequestStudy(models.Model):
         return [m for m in self.modalities.split("\\") if m]
 
 
-class RequestImport(models.Model):
+class RequestImport(StoreJob):
     """Sending one received study to a PACS of the requesting facility by C-STORE, under
     the identity the clerk reconciled it to, with a result per instance. A Celery task
     fills the row and the request's page polls it. The values written into the copies
@@ -400,8 +400,6 @@ class RequestImport(models.Model):
         COMPLETE = "complete", _("Imported")
         PARTIAL = "partial", _("Partly imported")
         FAILED = "failed", _("Failed")
-
-    LIVE_STATUSES = ("queued", "running")
 
     request_study = models.ForeignKey(RequestStudy, on_delete=models.CASCADE,
                                       related_name="imports")
@@ -416,16 +414,8 @@ class RequestImport(models.Model):
     identity = models.JSONField(_("identity sent"), default=dict)
     status = models.CharField(_("status"), max_length=10, choices=Status.choices,
                               default=Status.QUEUED, db_index=True)
-    total = models.PositiveIntegerField(_("images"), default=0)
     sent = models.PositiveIntegerField(_("accepted"), default=0)
-    failed = models.PositiveIntegerField(_("failed"), default=0)
     warning = models.PositiveIntegerField(_("warnings"), default=0)
-    error = models.CharField(_("error"), max_length=500, blank=True)
-    attempts = models.PositiveIntegerField(_("attempts"), default=0)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name = _("import into PACS")
@@ -441,28 +431,12 @@ class RequestImport(models.Model):
     def __str__(self):
         return f"Import {self.pk}"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status not in self.LIVE_STATUSES
 
-    @property
-    def progress_percent(self) -> int:
-        if not self.total:
-            return 100 if self.status == self.Status.COMPLETE else 0
-        done = self.sent if self.is_finished else self.sent + self.failed
-        return max(0, min(100, round(100 * done / self.total)))
-
-
-class RequestImportResult(models.Model):
+class RequestImportResult(StoreResult):
     """The C-STORE status of one instance of an import (PS3.4 B.2.3)."""
 
     request_import = models.ForeignKey(RequestImport, on_delete=models.CASCADE,
                                        related_name="results")
-    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="+")
-    status = models.PositiveIntegerField(_("DIMSE status"), null=True, blank=True)
-    outcome = models.CharField(_("outcome"), max_length=10)  # success, warning, failure
-    detail = models.CharField(_("detail"), max_length=300, blank=True)
-    sent_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
@@ -474,7 +448,7 @@ class RequestImportResult(models.Model):
         return f"Import {self.request_import_id} instance {self.instance_id}: {self.outcome}"
 
 
-class RequestFulfilment(models.Model):
+class RequestFulfilment(TaskJob):
     """An answer to a request by the clerks of the asked facility, when it runs on this
     platform too: exams picked from their own archive or PACS, copied by a Celery task
     into the requesting facility's archive. No PIN, no upload."""
@@ -485,8 +459,6 @@ class RequestFulfilment(models.Model):
         COMPLETE = "complete", _("Delivered")
         PARTIAL = "partial", _("Partly delivered")
         FAILED = "failed", _("Failed")
-
-    LIVE_STATUSES = ("queued", "running")
 
     request = models.ForeignKey(RecordRequest, on_delete=models.CASCADE,
                                 related_name="fulfilments")
@@ -500,12 +472,6 @@ class RequestFulfilment(models.Model):
                               default=Status.QUEUED, db_index=True)
     total = models.PositiveIntegerField(_("images"), default=0)
     copied = models.PositiveIntegerField(_("delivered"), default=0)
-    error = models.CharField(_("error"), max_length=500, blank=True)
-    attempts = models.PositiveIntegerField(_("attempts"), default=0)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name = _("answer from this platform")
@@ -514,10 +480,6 @@ class RequestFulfilment(models.Model):
 
     def __str__(self):
         return f"Fulfilment {self.pk} of request {self.request_id}"
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status not in self.LIVE_STATUSES
 
     @property
     def progress_percent(self) -> int:

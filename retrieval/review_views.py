@@ -21,6 +21,7 @@ from pockethealth.auth import clerk_required
 from pockethealth.models import AuditEvent
 from pockethealth.services import audit_record
 
+from .forms import AnswerForm, DeclineForm, ImportForm, ReconcileForm
 from .fulfil import (
     archive_candidates,
     fulfilments_of,
@@ -38,7 +39,6 @@ from .imports import (
     request_study_reconcile,
 )
 from .models import RecordRequest, RequestFulfilment, RequestImport, RequestStudy
-from .review_forms import AnswerForm, DeclineForm, ImportForm, ReconcileForm
 from .services import RetrievalError, name_as_read
 from .upload import DECLINABLE
 from .views import get_request_for_user

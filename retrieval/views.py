@@ -3,7 +3,6 @@ making one, its page (where it stands, its Request Page, faxes, history), the pa
 signature on this screen, and the actions on a request."""
 
 from django.contrib import messages
-from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -13,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from dicomgw.models import Patient
 from pockethealth.auth import clerk_required
-from pockethealth.models import AuditEvent
+from pockethealth.lists import audit_history, searched_list
 from pockethealth.services import audit_record
 from sharing.services import fax_gateway_domain
 
@@ -34,11 +33,9 @@ from .services import (
     requests_of,
 )
 
-PAGE_SIZE = 25
 SEARCH_SESSION_KEY = "request_search"
 # The signing link, shown once on the request's page after it is made.
 LINK_SESSION_KEY = "request_consent_link"
-HISTORY_LIMIT = 200
 
 
 def get_request_for_user(user, request_id: int) -> RecordRequest:
@@ -51,24 +48,10 @@ def get_request_for_user(user, request_id: int) -> RecordRequest:
 
 @clerk_required
 def request_list(request: HttpRequest) -> HttpResponse:
-    if request.method == "POST":
-        form = RequestSearchForm(request.POST)
-        if form.is_valid():
-            request.session[SEARCH_SESSION_KEY] = form.serialised()
-            audit_record(request=request, action="request.search",
-                         object_type="retrieval.recordrequest")
-            if not request.htmx:
-                return redirect("request-list")
-    else:
-        if request.GET.get("clear"):
-            request.session.pop(SEARCH_SESSION_KEY, None)
-        form = RequestSearchForm(request.session.get(SEARCH_SESSION_KEY) or None)
-    found = requests_of(request.user.facility)
-    if form.is_bound and form.is_valid():
-        found = form.filter(found)
-    page = Paginator(found, PAGE_SIZE).get_page(request.GET.get("page"))
-    template = "retrieval/_request_rows.html" if request.htmx else "retrieval/request_list.html"
-    return render(request, template, {"form": form, "page": page})
+    return searched_list(request, requests_of(request.user.facility),
+                         form_class=RequestSearchForm, session_key=SEARCH_SESSION_KEY,
+                         audit_action="request.search", template="retrieval/request_list.html",
+                         rows_template="retrieval/_request_rows.html")
 
 
 @clerk_required
@@ -154,13 +137,6 @@ ACTION_LABELS = {
 }
 
 
-def _history(record_request: RecordRequest) -> list[tuple[AuditEvent, str]]:
-    events = AuditEvent.objects.filter(
-        object_type=record_request._meta.label_lower, object_id=str(record_request.pk),
-    ).select_related("actor_user").order_by("-time", "-id")[:HISTORY_LIMIT]
-    return [(event, ACTION_LABELS.get(event.action, event.action)) for event in events]
-
-
 def _live_context(record_request: RecordRequest) -> dict:
     faxes = list(record_request.faxes.select_related("requested_by"))
     return {"record_request": record_request, "faxes": faxes,
@@ -178,7 +154,7 @@ def request_detail(request: HttpRequest, request_id: int) -> HttpResponse:
     return render(request, "retrieval/request_detail.html", {
         **_live_context(record_request),
         "timeline": request_timeline(record_request),
-        "history": _history(record_request),
+        "history": audit_history(record_request, ACTION_LABELS),
         "consent": PatientConsent.objects.filter(request=record_request).first(),
         "display_name": name_as_read(record_request.patient_name),
         "fax_available": bool(fax_gateway_domain(record_request.facility)),

@@ -3,7 +3,6 @@
 
 from django.conf import settings
 from django.contrib import messages
-from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -13,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from dicomgw.models import Patient
 from pockethealth.auth import clerk_required
-from pockethealth.models import AuditEvent
+from pockethealth.lists import audit_history, searched_list
 from pockethealth.services import audit_record
 
 from .forms import ShareCreateForm, ShareSearchForm, picks_from
@@ -32,9 +31,7 @@ from .services import (
     share_transfer_retry,
 )
 
-PAGE_SIZE = 25
 SEARCH_SESSION_KEY = "share_search"
-HISTORY_LIMIT = 200
 
 
 def get_share_for_user(user, share_id: int) -> Share:
@@ -45,24 +42,11 @@ def get_share_for_user(user, share_id: int) -> Share:
 
 @clerk_required
 def share_list(request: HttpRequest) -> HttpResponse:
-    if request.method == "POST":
-        form = ShareSearchForm(request.POST)
-        if form.is_valid():
-            request.session[SEARCH_SESSION_KEY] = form.serialised()
-            audit_record(request=request, action="share.search", object_type="sharing.share")
-            if not request.htmx:
-                return redirect("share-list")
-    else:
-        if request.GET.get("clear"):
-            request.session.pop(SEARCH_SESSION_KEY, None)
-        form = ShareSearchForm(request.session.get(SEARCH_SESSION_KEY) or None)
-    shares = Share.objects.filter(facility=request.user.facility)
-    if form.is_bound and form.is_valid():
-        shares = form.filter(shares)
-    page = Paginator(shares.order_by("-created_at", "-id"), PAGE_SIZE).get_page(
-        request.GET.get("page"))
-    template = "sharing/_share_rows.html" if request.htmx else "sharing/share_list.html"
-    return render(request, template, {"form": form, "page": page})
+    shares = Share.objects.filter(facility=request.user.facility).order_by("-created_at", "-id")
+    return searched_list(request, shares, form_class=ShareSearchForm,
+                         session_key=SEARCH_SESSION_KEY, audit_action="share.search",
+                         template="sharing/share_list.html",
+                         rows_template="sharing/_share_rows.html")
 
 
 @clerk_required
@@ -155,13 +139,6 @@ ACTION_LABELS = {
 }
 
 
-def _history(share: Share) -> list[tuple[AuditEvent, str]]:
-    events = AuditEvent.objects.filter(
-        object_type=share._meta.label_lower, object_id=str(share.pk),
-    ).select_related("actor_user").order_by("-time", "-id")[:HISTORY_LIMIT]
-    return [(event, ACTION_LABELS.get(event.action, event.action)) for event in events]
-
-
 def _live_context(share: Share) -> dict:
     deliveries = list(share.deliveries.select_related("requested_by"))
     progress = share_transfer_progress(share)
@@ -177,7 +154,7 @@ def share_detail(request: HttpRequest, share_id: int) -> HttpResponse:
     audit_record(request=request, action="share.view", obj=share,
                  patient_ref=share.patient_id)
     return render(request, "sharing/share_detail.html", {
-        **_live_context(share), "history": _history(share),
+        **_live_context(share), "history": audit_history(share, ACTION_LABELS),
         "max_months": settings.SHARE_MAX_MONTHS,
         "display_name": Patient(name=share.patient_name).display_name,
     })
