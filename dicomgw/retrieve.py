@@ -14,12 +14,13 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
@@ -27,10 +28,24 @@ from django.utils.translation import ngettext
 from pockethealth.models import AuditEvent, Facility, StaffUser
 from pockethealth.services import audit_record
 
-from .models import Instance, PacsNode, PushJob, PushResult, RetrieveJob, Study
+from .models import (
+    Instance,
+    PacsNode,
+    PushJob,
+    PushResult,
+    RetrieveJob,
+    StoreJob,
+    StoreResult,
+    Study,
+    TaskJob,
+)
 from .services import DicomGatewayError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+
     from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -340,7 +355,7 @@ def node_verify(*, node: PacsNode, user: StaffUser | None = None) -> tuple[bool,
 # --- Claiming, finishing and recovering jobs -----------------------------------------
 
 
-def _claim(model: type[RetrieveJob] | type[PushJob], job_id: int) -> bool | float:
+def _claim(model: type[TaskJob], job_id: int) -> bool | float:
     """Take the job for this run: a queued job, or a running one whose worker is gone.
     One conditional UPDATE, so two workers never both win. Returns True when claimed;
     when another run holds the job, the seconds after which it would count as stale
@@ -360,19 +375,18 @@ def _claim(model: type[RetrieveJob] | type[PushJob], job_id: int) -> bool | floa
     return max((held + stale_after() - now).total_seconds(), 0) + 1
 
 
-def _retry_or_fail(job: RetrieveJob | PushJob, reason: str) -> float | None:
-    """After an association failure: back to the queue with a delay while attempts last,
-    else FAILED. Returns the delay, or None when the job is finished."""
+def _retry_later(job: TaskJob, reason: str) -> float | None:
+    """After an association failure: back to the queue with a delay while attempts last.
+    Returns the delay, or None when the attempts are used up (the caller ends the job)."""
+    if job.attempts >= max_attempts():
+        return None
     model = type(job)
-    if job.attempts < max_attempts():
-        delay = retry_delay(job.attempts)
-        model.objects.filter(pk=job.pk, status=model.Status.RUNNING).update(
-            status=model.Status.QUEUED, error=reason[:500], updated_at=timezone.now())
-        log.info("%s %s: association failure, retry %s in %ss", model.__name__, job.pk,
-                 job.attempts, delay)
-        return delay
-    _finish(job, status=model.Status.FAILED, error=reason)
-    return None
+    delay = retry_delay(job.attempts)
+    model.objects.filter(pk=job.pk, status=model.Status.RUNNING).update(
+        status=model.Status.QUEUED, error=reason[:500], updated_at=timezone.now())
+    log.info("%s %s: association failure, retry %s in %ss", model.__name__, job.pk,
+             job.attempts, delay)
+    return delay
 
 
 def _finish(job: RetrieveJob | PushJob, *, status: str, error: str = "", **fields) -> None:
@@ -588,10 +602,10 @@ def retrieve_run(*, job_id: int) -> float | None:
     try:
         return _retrieve(job)
     except DimseError as exc:
-        if exc.kind in TRANSIENT_KINDS:
-            return _retry_or_fail(job, str(exc))
-        _finish_retrieve(job, failure=str(exc))
-        return None
+        delay = _retry_later(job, str(exc)) if exc.kind in TRANSIENT_KINDS else None
+        if delay is None:
+            _finish_retrieve(job, failure=str(exc))
+        return delay
     except Exception:
         log.exception("RetrieveJob %s stopped by an internal error", job.pk)
         _finish(job, status=RetrieveJob.Status.FAILED,
@@ -833,87 +847,157 @@ def push_retry(*, job: PushJob, requested_by: StaffUser | None) -> PushJob:
     return job
 
 
+# --- C-STORE runs: a push here, a request's import in retrieval.imports ---------------
+
+
 DELIVERED = ("success", "warning")
+
+
+class StoreRun(ABC):
+    """One run of a C-STORE job (a ``StoreJob``): send every instance of the study that has
+    no delivered result yet, record a result per instance (PS3.4 B.2.3), and end the job
+    COMPLETE, PARTIAL or FAILED. A subclass says which job and results, which instances,
+    how the file sent is prepared and how the job ends."""
+
+    model: type[StoreJob]
+    result_model: type[StoreResult]
+    job_field: str  # the result's foreign key to its job
+    related: tuple[str, ...] = ("node",)  # what a run reads of the job, fetched with it
+    # ``prepare`` of ``dimse.store``: the file to send for an archived one; None sends
+    # the archived file.
+    prepare: Callable[[Instance, Path], AbstractContextManager[Path]] | None = None
+
+    def __init__(self, job: StoreJob):
+        self.job = job
+        self.last_write = 0.0
+
+    @classmethod
+    def run(cls, job_id: int) -> float | None:
+        """Claim the job and send. Returns the seconds after which to run again, or None."""
+        from .dimse import DimseError
+
+        name = cls.model.__name__
+        claim = _claim(cls.model, job_id)
+        if claim is not True:
+            log.info("%s %s not claimable (%s); nothing to do now", name, job_id, claim)
+            return claim or None
+        run = cls(cls.model.objects.select_related(*cls.related).get(pk=job_id))
+        try:
+            run.send()
+        except DimseError as exc:
+            run.count()
+            if exc.kind not in TRANSIENT_KINDS:
+                run.finish(failure=str(exc))
+                return None
+            delay = _retry_later(run.job, str(exc))
+            if delay is None:
+                run.give_up(str(exc))
+            return delay
+        except Exception:
+            log.exception("%s %s stopped by an internal error", name, run.job.pk)
+            run.end(status=cls.model.Status.FAILED, error=run.internal_error())
+            raise
+        return None
+
+    @abstractmethod
+    def study_instances(self) -> QuerySet[Instance]:
+        """Every archived instance of the job's study."""
+
+    @abstractmethod
+    def end(self, *, status: str, error: str = "") -> None:
+        """Record the job's end (when this run still holds it)."""
+
+    @abstractmethod
+    def internal_error(self) -> str:
+        """The job's error after an unexpected exception."""
+
+    def results(self) -> QuerySet[StoreResult]:
+        return self.result_model.objects.filter(**{self.job_field: self.job})
+
+    def send(self) -> None:
+        job = self.job
+        everything = self.study_instances()
+        delivered = self.results().filter(outcome__in=DELIVERED).values("instance_id")
+        instances = list(everything.exclude(pk__in=delivered).select_related("series").order_by(
+            "series__series_number", "series_id", "instance_number", "pk"))
+        self.model.objects.filter(pk=job.pk).update(
+            total=everything.count(), error="", updated_at=timezone.now())
+        if instances:
+            from . import dimse
+
+            dimse.store(job.node, instances=instances, on_result=self.record,
+                        prepare=self.prepare)
+        self.count()
+        self.finish()
+
+    def record(self, instance: Instance, status: int | None, outcome: str,
+               detail: str) -> None:
+        """``on_result`` of ``dimse.store``: the instance's result row, and the job's
+        counts at most every PROGRESS_INTERVAL."""
+        self.result_model.objects.update_or_create(
+            **{self.job_field: self.job}, instance=instance,
+            defaults={"status": status, "outcome": outcome, "detail": (detail or "")[:300],
+                      "sent_at": timezone.now()},
+        )
+        now = time.monotonic()
+        if now - self.last_write >= PROGRESS_INTERVAL:
+            self.last_write = now
+            self.count()
+
+    def count(self) -> None:
+        results = self.results()
+        self.model.objects.filter(pk=self.job.pk).update(
+            sent=results.filter(outcome__in=DELIVERED).count(),
+            warning=results.filter(outcome="warning").count(),
+            failed=results.exclude(outcome__in=DELIVERED).count(),
+            updated_at=timezone.now(),
+        )
+
+    def finish(self, *, failure: str = "") -> None:
+        """COMPLETE when every image was delivered; else PARTIAL, or FAILED when none
+        was, with ``failure`` or how many images the PACS did not accept."""
+        job = self.job
+        job.refresh_from_db()
+        Status = self.model.Status
+        if job.sent >= job.total and not failure:
+            self.end(status=Status.COMPLETE)
+            return
+        unsent = job.total - job.sent
+        reason = failure or ngettext(
+            "%(count)s image was not accepted by the PACS.",
+            "%(count)s images were not accepted by the PACS.", unsent) % {"count": unsent}
+        self.end(status=Status.PARTIAL if job.sent else Status.FAILED, error=reason)
+
+    def give_up(self, reason: str) -> None:
+        """The end after an association failure on the last attempt."""
+        self.finish(failure=reason)
+
+
+class PushRun(StoreRun):
+    """A run of a push: the archived files sent as they are."""
+
+    model = PushJob
+    result_model = PushResult
+    job_field = "push"
+    related = ("node", "facility", "study")
+
+    def study_instances(self) -> QuerySet[Instance]:
+        return Instance.objects.filter(facility=self.job.facility, series__study=self.job.study)
+
+    def end(self, *, status: str, error: str = "") -> None:
+        _finish(self.job, status=status, error=error)
+
+    def internal_error(self) -> str:
+        return _("An internal error stopped the transfer. Press Retry; if it happens "
+                 "again, call support.")
+
+    def give_up(self, reason: str) -> None:
+        # Like a retrieve, a push whose attempts are used up is FAILED, whatever it sent.
+        self.end(status=PushJob.Status.FAILED, error=reason)
 
 
 def push_run(*, job_id: int) -> float | None:
     """The body of the push task: C-STORE every instance of the study that has no
     successful result yet, recording a result per instance (PS3.4 B.2.3). Returns the
     seconds after which to run again, or None."""
-    from .dimse import DimseError
-
-    claim = _claim(PushJob, job_id)
-    if claim is not True:
-        log.info("PushJob %s not claimable (%s); nothing to do now", job_id, claim)
-        return claim or None
-    job = PushJob.objects.select_related("node", "facility", "study").get(pk=job_id)
-    try:
-        return _push(job)
-    except DimseError as exc:
-        _push_counts(job)
-        if exc.kind in TRANSIENT_KINDS:
-            return _retry_or_fail(job, str(exc))
-        _finish_push(job, failure=str(exc))
-        return None
-    except Exception:
-        log.exception("PushJob %s stopped by an internal error", job.pk)
-        _finish(job, status=PushJob.Status.FAILED,
-                error=_("An internal error stopped the transfer. Press Retry; if it happens "
-                        "again, call support."))
-        raise
-
-
-def _push(job: PushJob) -> None:
-    from . import dimse
-
-    instances = list(
-        Instance.objects.filter(facility=job.facility, series__study=job.study)
-        .exclude(pk__in=PushResult.objects.filter(push=job, outcome__in=DELIVERED)
-                 .values("instance_id"))
-        .select_related("series").order_by("series__series_number", "series_id",
-                                           "instance_number", "pk")
-    )
-    total = Instance.objects.filter(facility=job.facility, series__study=job.study).count()
-    PushJob.objects.filter(pk=job.pk).update(total=total, error="", updated_at=timezone.now())
-    last_write = 0.0
-
-    def on_result(instance: Instance, status: int | None, outcome: str, detail: str) -> None:
-        nonlocal last_write
-        PushResult.objects.update_or_create(
-            push=job, instance=instance,
-            defaults={"status": status, "outcome": outcome, "detail": (detail or "")[:300],
-                      "sent_at": timezone.now()},
-        )
-        now = time.monotonic()
-        if now - last_write >= PROGRESS_INTERVAL:
-            last_write = now
-            _push_counts(job)
-
-    if instances:
-        dimse.store(job.node, instances=instances, on_result=on_result)
-    _push_counts(job)
-    _finish_push(job)
-    return None
-
-
-def _push_counts(job: PushJob) -> None:
-    results = PushResult.objects.filter(push=job)
-    PushJob.objects.filter(pk=job.pk).update(
-        sent=results.filter(outcome__in=DELIVERED).count(),
-        warning=results.filter(outcome="warning").count(),
-        failed=results.exclude(outcome__in=DELIVERED).count(),
-        updated_at=timezone.now(),
-    )
-
-
-def _finish_push(job: PushJob, *, failure: str = "") -> None:
-    job.refresh_from_db()
-    if job.sent >= job.total and not failure:
-        _finish(job, status=PushJob.Status.COMPLETE)
-        return
-    unsent = job.total - job.sent
-    reason = failure or ngettext(
-        "%(count)s image was not accepted by the PACS.",
-        "%(count)s images were not accepted by the PACS.", unsent) % {"count": unsent}
-    status = PushJob.Status.PARTIAL if job.sent else PushJob.Status.FAILED
-    _finish(job, status=status, error=reason)
+    return PushRun.run(job_id)

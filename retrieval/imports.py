@@ -19,7 +19,6 @@ import datetime
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -35,7 +34,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from dicomgw.models import Instance, PacsNode, Study
-from dicomgw.retrieve import TRANSIENT_KINDS, _claim, max_attempts, retry_delay, stale_after
+from dicomgw.retrieve import StoreRun, max_attempts, stale_after
 from dicomgw.services import quiet_pydicom_reading
 from pockethealth.models import AuditEvent, StaffUser
 from pockethealth.services import audit_record
@@ -58,7 +57,6 @@ log = logging.getLogger(__name__)
 
 # Progress is written to the row at most this often (the page polls every second).
 PROGRESS_INTERVAL = 0.5
-DELIVERED = ("success", "warning")
 # Elements larger than this stay on disc while a copy is written (pixel data).
 DEFER_SIZE = 1024 * 1024
 UTF8 = "ISO_IR 192"
@@ -336,90 +334,36 @@ def enqueue_on_commit(task_name: str, job_id: int) -> None:
     getattr(tasks, task_name).delay_on_commit(job_id)
 
 
+class ImportRun(StoreRun):
+    """A run of an import: the copies sent carry the identity the import started with,
+    and the study's import, once complete, may close the request."""
+
+    model = RequestImport
+    result_model = RequestImportResult
+    job_field = "request_import"
+    related = ("node", "request_study__study", "request_study__request__facility")
+
+    def study_instances(self) -> QuerySet[Instance]:
+        study = self.job.request_study.study
+        return Instance.objects.filter(facility_id=study.facility_id, series__study=study)
+
+    @property
+    def prepare(self):
+        return partial(rewritten_copy, identity=self.job.identity)
+
+    def end(self, *, status: str, error: str = "") -> None:
+        _import_end(self.job, status=status, error=error)
+
+    def internal_error(self) -> str:
+        return _("An internal error stopped the import. Press Retry; if it "
+                 "happens again, call support.")
+
+
 def request_import_run(*, import_id: int) -> float | None:
     """The body of the import task: C-STORE every instance of the study that has no
     delivered result yet, each as a rewritten copy, recording a result per instance
     (PS3.4 B.2.3). Returns the seconds after which to run again, or None."""
-    claim = _claim(RequestImport, import_id)
-    if claim is not True:
-        log.info("RequestImport %s not claimable (%s); nothing to do now", import_id, claim)
-        return claim or None
-    job = RequestImport.objects.select_related(
-        "node", "request_study__study", "request_study__request__facility").get(pk=import_id)
-    from dicomgw.dimse import DimseError
-
-    try:
-        return _import(job)
-    except DimseError as exc:
-        _import_counts(job)
-        if exc.kind in TRANSIENT_KINDS and job.attempts < max_attempts():
-            delay = retry_delay(job.attempts)
-            RequestImport.objects.filter(pk=job.pk, status=RequestImport.Status.RUNNING).update(
-                status=RequestImport.Status.QUEUED, error=str(exc)[:500],
-                updated_at=timezone.now())
-            log.info("RequestImport %s: association failure, retry %s in %ss", job.pk,
-                     job.attempts, delay)
-            return delay
-        _import_finish(job, failure=str(exc))
-        return None
-    except Exception:
-        log.exception("RequestImport %s stopped by an internal error", job.pk)
-        _import_end(job, status=RequestImport.Status.FAILED,
-                    error=_("An internal error stopped the import. Press Retry; if it "
-                            "happens again, call support."))
-        raise
-
-
-def _import(job: RequestImport) -> None:
-    study = job.request_study.study
-    everything = Instance.objects.filter(facility_id=study.facility_id, series__study=study)
-    delivered = RequestImportResult.objects.filter(
-        request_import=job, outcome__in=DELIVERED).values("instance_id")
-    instances = list(everything.exclude(pk__in=delivered).select_related("series").order_by(
-        "series__series_number", "series_id", "instance_number", "pk"))
-    RequestImport.objects.filter(pk=job.pk).update(
-        total=everything.count(), error="", updated_at=timezone.now())
-    last_write = 0.0
-
-    def on_result(instance: Instance, status: int | None, outcome: str, detail: str) -> None:
-        nonlocal last_write
-        RequestImportResult.objects.update_or_create(
-            request_import=job, instance=instance,
-            defaults={"status": status, "outcome": outcome, "detail": (detail or "")[:300],
-                      "sent_at": timezone.now()})
-        if time.monotonic() - last_write >= PROGRESS_INTERVAL:
-            last_write = time.monotonic()
-            _import_counts(job)
-
-    if instances:
-        from dicomgw import dimse
-
-        dimse.store(job.node, instances=instances, on_result=on_result,
-                    prepare=partial(rewritten_copy, identity=job.identity))
-    _import_counts(job)
-    _import_finish(job)
-
-
-def _import_counts(job: RequestImport) -> None:
-    results = RequestImportResult.objects.filter(request_import=job)
-    RequestImport.objects.filter(pk=job.pk).update(
-        sent=results.filter(outcome__in=DELIVERED).count(),
-        warning=results.filter(outcome="warning").count(),
-        failed=results.exclude(outcome__in=DELIVERED).count(),
-        updated_at=timezone.now())
-
-
-def _import_finish(job: RequestImport, *, failure: str = "") -> None:
-    job.refresh_from_db()
-    if job.sent >= job.total and not failure:
-        _import_end(job, status=RequestImport.Status.COMPLETE)
-        return
-    unsent = job.total - job.sent
-    reason = failure or ngettext(
-        "%(count)s image was not accepted by the PACS.",
-        "%(count)s images were not accepted by the PACS.", unsent) % {"count": unsent}
-    status = RequestImport.Status.PARTIAL if job.sent else RequestImport.Status.FAILED
-    _import_end(job, status=status, error=reason)
+    return ImportRun.run(import_id)
 
 
 def _import_end(job: RequestImport, *, status: str, error: str = "") -> None:
