@@ -11,10 +11,10 @@ The receive path is kept minimal so that a slow database never holds up a sender
   Information built from the request, never decoded; it is acknowledged only once the
   file is complete. No database is touched on the way.
 - ``IngestPool`` threads (in ``runscp``, a process of their own) index spooled files
-  through ``ingest_file``. The spool directory is the queue: a file is renamed into
-  ``incoming/`` only once complete, claimed by renaming it into ``work/``, and removed
-  only after ``ingest_file`` returned, so a process that dies loses nothing; the next
-  start ingests whatever is left.
+  through ``ingest_files``, several at once. The spool directory is the queue: a file
+  is renamed into ``incoming/`` only once complete, claimed by renaming it into
+  ``work/``, and removed only after ``ingest_files`` returned, so a process that dies
+  loses nothing; the next start ingests whatever is left.
 """
 
 import contextlib
@@ -56,7 +56,7 @@ from pockethealth.models import Facility
 
 from .dimse import set_nodelay
 from .models import IngestSource, PacsNode
-from .services import IngestStatus, ingest_file
+from .services import IngestStatus, ingest_files
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ CALLED_AE_NOT_RECOGNISED = 0x07
 # Transfer syntaxes the archive can read (ingest refuses any other): the sender's own
 # choice among these is kept, never transcoded.
 READABLE_SYNTAXES = frozenset(str(uid) for uid in AllTransferSyntaxes)
+# Spooled files an ingest thread takes at once when more are waiting (indexed in one
+# transaction, ``IngestBatch``).
+INGEST_BATCH = 50
 
 PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1
 
@@ -296,7 +299,8 @@ def _facility_id_of(path: Path) -> int | None:
 
 
 class IngestPool:
-    """Threads that archive spooled files through ``ingest_file`` (source "scp"). The
+    """Threads that archive spooled files through ``ingest_files`` (source "scp"), as
+    many together as are waiting, up to INGEST_BATCH. The
     spool's ``incoming/`` folder is the queue; ``submit`` only wakes a thread."""
 
     def __init__(self, spool_root: Path, *, workers: int, retry_seconds: float = 5.0):
@@ -385,58 +389,90 @@ class IngestPool:
                 path = self._queue.get()
                 if path is None:
                     return
+                paths = [path, *self._more(INGEST_BATCH - 1)]
                 with self._lock:
-                    self._busy += 1
+                    self._busy += len(paths)
                 try:
-                    self._ingest_one(path)
+                    self._ingest(paths)
                 finally:
                     with self._lock:
-                        self._busy -= 1
+                        self._busy -= len(paths)
         finally:
             connection.close()
 
-    def _ingest_one(self, path: Path) -> None:
-        claimed = self.work / path.name
-        try:
-            os.rename(path, claimed)
-        except FileNotFoundError:
-            return  # another thread took it
-        finally:
-            with self._lock:
-                self._queued.discard(path.name)
+    def _more(self, limit: int) -> list[Path]:
+        """Up to ``limit`` more queued files, without waiting: a study arrives as a
+        stream of images, indexed together (``IngestBatch``). A stop put back."""
+        found = []
+        while len(found) < limit:
+            try:
+                path = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if path is None:
+                self._queue.put(None)
+                break
+            found.append(path)
+        return found
+
+    def _ingest(self, paths: list[Path]) -> None:
+        claimed = []
+        for path in paths:
+            try:
+                os.rename(path, self.work / path.name)
+                claimed.append((path, self.work / path.name))
+            except FileNotFoundError:
+                pass  # another thread took it
+            finally:
+                with self._lock:
+                    self._queued.discard(path.name)
         attempt = 0
-        while True:
+        while claimed:
             try:
                 close_old_connections()
-                self._ingest_claimed(claimed)
+                self._ingest_claimed([work for _path, work in claimed])
                 return
             except Exception:
-                # Database or storage trouble: keep the file and try again; it is the
-                # only copy, and the sender was told it is stored.
+                # Database or storage trouble: keep the files and try again; they are
+                # the only copies, and the sender was told they are stored.
                 attempt += 1
-                log.exception("spooled file not ingested (attempt %s); retrying", attempt)
+                log.exception("spooled files not ingested (attempt %s); retrying", attempt)
+                # What was archived before the trouble has left the spool.
+                claimed = [(path, work) for path, work in claimed if work.exists()]
                 if self._stop.wait(min(self.retry_seconds * attempt, 300)):
-                    os.replace(claimed, path)  # back to incoming for the next start
+                    for path, work in claimed:  # back to incoming for the next start
+                        os.replace(work, path)
                     return
 
-    def _ingest_claimed(self, claimed: Path) -> None:
+    def _ingest_claimed(self, claimed: list[Path]) -> None:
+        """Archive claimed files, those of each facility together; a file archived (or
+        found archived) leaves the spool, one refused is set aside."""
+        by_facility: dict[Facility | None, list[Path]] = {}
+        for path in claimed:
+            by_facility.setdefault(self._facility_of(path), []).append(path)
+        for facility, paths in by_facility.items():
+            if facility is None:
+                log.error("%s spooled file(s) of no known facility; set aside", len(paths))
+                for path in paths:
+                    os.replace(path, self.rejected / path.name)
+                continue
+            outcomes = ingest_files(facility=facility, paths=paths, source=IngestSource.SCP)
+            for path, outcome in zip(paths, outcomes, strict=True):
+                if outcome.status == IngestStatus.REJECTED:
+                    # Kept for review: the sender was told it is stored.
+                    log.warning("received file rejected by ingest: facility=%s", facility.pk)
+                    os.replace(path, self.rejected / path.name)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def _facility_of(self, claimed: Path) -> Facility | None:
         facility_id = _facility_id_of(claimed)
         facility = self._facilities.get(facility_id) if facility_id else None
         if facility is None and facility_id is not None:
             facility = Facility.objects.filter(pk=facility_id).first()
             if facility is not None:
                 self._facilities[facility_id] = facility
-        if facility is None:
-            log.error("spooled file has no known facility; set aside")
-            os.replace(claimed, self.rejected / claimed.name)
-            return
-        outcome = ingest_file(facility=facility, path=claimed, source=IngestSource.SCP)
-        if outcome.status == IngestStatus.REJECTED:
-            # Kept for review: the sender was told it is stored.
-            log.warning("received file rejected by ingest: facility=%s", facility_id)
-            os.replace(claimed, self.rejected / claimed.name)
-            return
-        claimed.unlink(missing_ok=True)
+        return facility
 
 
 # --- Audit ---------------------------------------------------------------------------

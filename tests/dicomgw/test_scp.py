@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from django.db.models import Sum
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_context
@@ -24,9 +25,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from dicomgw import dimse
-from dicomgw.models import Instance
-from dicomgw.scp import OUT_OF_RESOURCES, StorageSCP
+from dicomgw import dimse, services
+from dicomgw.models import Instance, Study
+from dicomgw.scp import OUT_OF_RESOURCES, IngestPool, StorageSCP
 from dicomgw.services import ingest_file
 from pockethealth.models import AuditEvent
 
@@ -260,6 +261,59 @@ def test_files_left_in_the_spool_are_ingested_at_start(transactional_db, setting
     assert archived == {sop_instance_uid(files[0]), sop_instance_uid(files[1])}
     assert not list(incoming.iterdir())
     assert not list(work.iterdir())
+
+
+def wait_for(pool: IngestPool, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while pool.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_the_ingest_threads_take_waiting_files_together(transactional_db, settings, facility,
+                                                        other_facility, testdata_dir,
+                                                        monkeypatch):
+    """Files waiting in the spool are indexed several at once, those of each facility
+    together; a file ingest refuses and one of no known facility are set aside; files
+    whose indexing failed stay in the spool and are indexed on the next try."""
+    files = dicom_files(testdata_dir / TS_FOLDER)
+    assert len(files) >= 6
+    spool_root = Path(settings.SPOOL_DIR) / "scp"
+    pool = IngestPool(spool_root, workers=1, retry_seconds=0.1)
+    for number, path in enumerate(files):
+        owner = facility if number % 3 else other_facility
+        shutil.copy(path, pool.incoming / f"f{owner.pk}-{number:02d}.dcm")
+    (pool.incoming / f"f{facility.pk}-bad.dcm").write_bytes(b"not DICOM at all" * 20)
+    shutil.copy(files[0], pool.incoming / "f999999-lost.dcm")
+    batches = []
+    real_ingest_files = services.ingest_files
+
+    def ingest_files_failing_once(**kwargs):
+        batches.append(len(kwargs["paths"]))
+        if len(batches) == 1:
+            raise RuntimeError("database went away")
+        return real_ingest_files(**kwargs)
+
+    monkeypatch.setattr("dicomgw.scp.ingest_files", ingest_files_failing_once)
+    pool.recover()  # queues every waiting file before the thread starts
+    pool.start()
+    try:
+        wait_for(pool)
+    finally:
+        pool.stop()
+
+    # One facility's files together, which failed; then each facility's files again.
+    assert batches[0] > 1 and sum(batches[1:]) == len(files) + 1 and len(batches) == 3
+    mine = {sop_instance_uid(p) for n, p in enumerate(files) if n % 3}
+    theirs = {sop_instance_uid(p) for n, p in enumerate(files) if not n % 3}
+    assert set(Instance.objects.filter(facility=facility).values_list(
+        "sop_instance_uid", flat=True)) == mine
+    assert set(Instance.objects.filter(facility=other_facility).values_list(
+        "sop_instance_uid", flat=True)) == theirs
+    for study in Study.objects.all():
+        assert study.num_instances == study.series.aggregate(n=Sum("num_instances"))["n"]
+    assert sorted(p.name for p in pool.rejected.iterdir()) == [
+        f"f{facility.pk}-bad.dcm", "f999999-lost.dcm"]
+    assert not list(pool.incoming.iterdir()) and not list(pool.work.iterdir())
 
 
 # --- The process -------------------------------------------------------------------
