@@ -487,27 +487,29 @@ def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *
         for sent, path in zip(files, paths, strict=True):
             body = _Body(stream, sent.size)
             row = rows.get(path)
-            if row is None or row.outcome != Outcome.PENDING or sent.size != row.size:
-                answers.append(_not_taken(row, path, sent.size))
+            taken = row is not None and row.outcome == Outcome.PENDING and sent.size == row.size
+            index = taken and (posixpath.basename(path).upper() == DICOMDIR_NAME
+                               and sent.size <= DICOMDIR_MAX_BYTES)
+            if not taken:
+                answer = _not_taken(row, path)
                 _drain(body)
-            elif (posixpath.basename(row.path).upper() == DICOMDIR_NAME
-                  and sent.size <= DICOMDIR_MAX_BYTES):
+            elif index:
                 _receive_dicomdir(row.upload, row, body)
-                settled.append(row)
-                answers.append(FileAnswer(path, row))
             else:
-                waiting.append((len(batch), row))
+                number = len(batch)
                 batch.add(fileobj=body)
-                answers.append(FileAnswer(path, row))
             if body.incomplete or body.read_bytes != sent.size:
-                incomplete = True
                 # What was cut short is not settled: the browser sends it again.
-                if waiting and waiting[-1][1] is row:
-                    waiting.pop()
-                if settled and settled[-1] is row:
-                    settled.pop()
-                answers.pop()
+                incomplete = True
                 break
+            if not taken:
+                answers.append(answer)
+                continue
+            answers.append(FileAnswer(path, row))
+            if index:
+                settled.append(row)
+            else:
+                waiting.append((number, row))
         outcomes = batch.archive()
     for number, row in waiting:
         _outcome_apply(row, outcomes[number])
@@ -520,7 +522,7 @@ def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *
     return answers
 
 
-def _not_taken(row: UploadedFile | None, path: str, size: int) -> FileAnswer:
+def _not_taken(row: UploadedFile | None, path: str) -> FileAnswer:
     if row is None:
         return FileAnswer(path, error=_("This file was not announced."))
     if row.outcome != Outcome.PENDING:
