@@ -8,6 +8,7 @@ pydicom (with numpy) is a third of such a process's memory."""
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import tempfile
 import unicodedata
 import zlib
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -113,6 +115,10 @@ CHUNK_SIZE = 1024 * 1024
 # pixels are not read into memory (nor need to fit there); their extent is still checked
 # against the file size.
 DEFER_SIZE = 64 * 1024
+# Files received are held in memory up to this size each, and this much per batch; a
+# larger one is spooled to disc.
+MEMORY_FILE_BYTES = 16 * 1024 * 1024
+MEMORY_BATCH_BYTES = 32 * 1024 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), little endian (PS3.5 7.5)
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
@@ -122,6 +128,9 @@ BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 # find nothing wrong that the length check before it has not.
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
             "UC", "UI", "UR", "UT"}
+# Binary number VRs and the size of one value (PS3.5 6.2).
+NUMBER_SIZES = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2,
+                "UV": 8}
 DIRECTORY_RECORD_SEQUENCE = 0x00041220
 # PS3.5 9.1: digits in components separated by ".", at most 64 characters. Leading
 # zeros inside a component are forbidden too, but old scanners write them and the
@@ -142,10 +151,11 @@ class _Rejected(Exception):
 
 @dataclass
 class _Received:
-    """A file copied to the spool: the preamble zeroed, hashed on the way."""
+    """A file copied to the spool (in memory, or on disc at ``path``): the preamble
+    zeroed, hashed on the way."""
 
     spool: BinaryIO
-    path: Path
+    path: Path | None
     size: int
     sha256: str
     head: bytes  # the first bytes as received, preamble included, to name the kind
@@ -237,6 +247,7 @@ class IngestBatch:
         self.facility, self.source = facility, source
         self._items: list[_Received | IngestOutcome] = []
         self._headers: dict[int, _Header] = {}
+        self._memory = 0  # bytes of the files held in memory
         # A folder per process (of a few): files made in and renamed out of one folder
         # by several processes at once wait for each other on the folder's lock, which
         # cost more than checking the file.
@@ -253,22 +264,39 @@ class IngestBatch:
         return len(self._items)
 
     def add(self, *, path: str | os.PathLike | None = None,
-            fileobj: BinaryIO | None = None) -> IngestOutcome | None:
+            fileobj: BinaryIO | None = None, size: int | None = None
+            ) -> IngestOutcome | None:
         """Receive and check one file (``path``, or ``fileobj`` read from its current
-        position); the REJECTED outcome when it cannot be archived, else None (it will
-        be archived by ``archive``). Raises only for a spool that cannot be written."""
+        position, ``size`` bytes long when the sender said so); the REJECTED outcome
+        when it cannot be archived, else None (it will be archived by ``archive``).
+        Raises only for a spool that cannot be written.
+
+        A file of known size that fits in the batch's share of memory is held there
+        until it is archived, and then written once, where it belongs; any other is
+        spooled to disc and moved there."""
         if (path is None) == (fileobj is None):
             raise DicomGatewayError("add takes exactly one of path or fileobj")
-        fd, spool_name = tempfile.mkstemp(dir=self.spool_dir, prefix="ingest-", suffix=".dcm")
-        spool_path = Path(spool_name)
-        spool = os.fdopen(fd, "w+b")
+        if path is not None:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = None  # receiving it says what is wrong
+        spool_path = None
+        if size is not None and size <= MEMORY_FILE_BYTES \
+                and self._memory + size <= MEMORY_BATCH_BYTES:
+            spool = BytesIO()
+            self._memory += size
+        else:
+            fd, spool_name = tempfile.mkstemp(dir=self.spool_dir, prefix="ingest-",
+                                              suffix=".dcm")
+            spool_path = Path(spool_name)
+            spool = os.fdopen(fd, "w+b")
         received = None
         try:
             received = _receive(spool, spool_path, path=path, fileobj=fileobj)
             header = _check_and_read(received)
         except _Rejected as rejected:
-            spool.close()
-            spool_path.unlink(missing_ok=True)
+            _spool_remove(spool, spool_path)
             log.info("ingest rejected: facility=%s bytes=%s reason=%s", self.facility.pk,
                      received.size if received else None, rejected.reason)
             outcome = IngestOutcome(status=IngestStatus.REJECTED, reason=rejected.reason,
@@ -276,8 +304,7 @@ class IngestBatch:
             self._items.append(outcome)
             return outcome
         except BaseException:
-            spool.close()
-            spool_path.unlink(missing_ok=True)
+            _spool_remove(spool, spool_path)
             raise
         self._headers[len(self._items)] = header
         self._items.append(received)
@@ -313,15 +340,20 @@ class IngestBatch:
     def close(self) -> None:
         for item in self._items:
             if isinstance(item, _Received):
-                item.spool.close()
-                item.path.unlink(missing_ok=True)
-        self._items, self._headers = [], {}
+                _spool_remove(item.spool, item.path)
+        self._items, self._headers, self._memory = [], {}, 0
+
+
+def _spool_remove(spool: BinaryIO, path: Path | None) -> None:
+    spool.close()
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 # --- Receiving ---------------------------------------------------------------------
 
 
-def _receive(spool: BinaryIO, spool_path: Path, *, path, fileobj) -> _Received:
+def _receive(spool: BinaryIO, spool_path: Path | None, *, path, fileobj) -> _Received:
     """Copy the file to the spool in chunks, zeroing the preamble and hashing what is
     written, in constant memory. A file that cannot be read is rejected; a spool that
     cannot be written raises."""
@@ -380,48 +412,78 @@ def _check_and_read(received: _Received) -> _Header:
 
 
 def _read_checked(received: _Received) -> _Header:
-    from pydicom import dcmread
-    from pydicom.filereader import read_file_meta_info
+    """Read the spooled file once, element by element as pydicom reads a file (the File
+    Meta Information, then the data set in the encoding it names), and check it. What
+    the index keeps is converted straight from the elements read, not through a
+    ``Dataset``'s attribute machinery: a file's header is read for every image received,
+    and that machinery cost more than reading the whole file."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import read_dataset
     from pydicom.uid import UID, AllTransferSyntaxes, MediaStorageDirectoryStorage
 
     quiet_pydicom_reading()
-    try:
-        meta = read_file_meta_info(received.path)
-    except Exception:
-        raise _Rejected("its File Meta Information header (PS3.10 7.1) is damaged") from None
+    # A file spooled to disc is read through a handle of our own, opened by name:
+    # pydicom puts the file's name in some messages and needs it to be a string.
+    with (open(received.path, "rb") if received.path is not None
+          else nullcontext(received.spool)) as fp:
+        fp.seek(PREAMBLE_LENGTH + 4)
+        try:
+            # PS3.10 7.1: the group 0002 elements, always Explicit VR Little Endian.
+            meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                stop_when=_past_file_meta)
+            meta_value = _Values(meta)
+            transfer_syntax = _clean_uid(meta_value(TRANSFER_SYNTAX_UID))
+            media_storage_class = _clean_uid(meta_value(MEDIA_STORAGE_SOP_CLASS_UID))
+        except Exception:
+            raise _Rejected("its File Meta Information header (PS3.10 7.1) is damaged"
+                            ) from None
+        if not transfer_syntax:
+            raise _Rejected("its File Meta Information has no Transfer Syntax UID "
+                            "(PS3.10 7.1)")
+        if not _is_valid_uid(transfer_syntax):
+            raise _Rejected("its Transfer Syntax UID is malformed")
+        if transfer_syntax not in AllTransferSyntaxes:
+            raise _Rejected("it uses a transfer syntax this archive cannot read")
+        transfer_syntax = UID(transfer_syntax)
+        if media_storage_class == MediaStorageDirectoryStorage:
+            raise _Rejected(DICOMDIR_REASON)
 
-    transfer_syntax = _clean_uid(meta.get("TransferSyntaxUID"))
-    if not transfer_syntax:
-        raise _Rejected("its File Meta Information has no Transfer Syntax UID (PS3.10 7.1)")
-    if not _is_valid_uid(transfer_syntax):
-        raise _Rejected("its Transfer Syntax UID is malformed")
-    if transfer_syntax not in AllTransferSyntaxes:
-        raise _Rejected("it uses a transfer syntax this archive cannot read")
-    transfer_syntax = UID(transfer_syntax)
-    if _clean_uid(meta.get("MediaStorageSOPClassUID")) == MediaStorageDirectoryStorage:
-        raise _Rejected(DICOMDIR_REASON)
-
-    # Read through a handle of our own, opened by name: pydicom puts the file's name
-    # in some messages and needs it to be a string.
-    with open(received.path, "rb") as fp:
+        data_set, size = fp, received.size
         if transfer_syntax.is_deflated:
-            _check_inflated_size(fp)
-            fp.seek(0)
-        # Deflated data is inflated into memory by pydicom, where deferring buys nothing.
-        ds = dcmread(fp, force=False,
-                     defer_size=None if transfer_syntax.is_deflated else DEFER_SIZE)
+            # PS3.5 A.5: the data set after the File Meta Information is deflated. It
+            # is inflated into memory (where deferring values buys nothing), once its
+            # inflated size is known to be within the limit.
+            start = fp.tell()
+            _check_inflated_size(fp, start)
+            fp.seek(start)
+            data_set = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+            size = len(data_set.getbuffer())
+        read = read_dataset(data_set, is_implicit_VR=transfer_syntax.is_implicit_VR,
+                            is_little_endian=transfer_syntax.is_little_endian,
+                            defer_size=None if transfer_syntax.is_deflated else DEFER_SIZE)
+        # As pydicom's own reader keeps it: knowing its file, to read a value left there.
+        ds = FileDataset(data_set, read, preamble=None, file_meta=meta,
+                         is_implicit_VR=transfer_syntax.is_implicit_VR,
+                         is_little_endian=transfer_syntax.is_little_endian)
+        ds.set_original_encoding(transfer_syntax.is_implicit_VR,
+                                 transfer_syntax.is_little_endian, read.original_character_set)
         # pydicom stops quietly at a short element header, and leaves a missing
         # delimiter or an element running past the end of the file to a warning; a
         # complete read ends exactly at the end of the file.
-        if not transfer_syntax.is_deflated and fp.tell() != received.size:
+        if data_set.tell() != size:
             raise _Rejected(TRUNCATED)
         if DIRECTORY_RECORD_SEQUENCE in ds:
             raise _Rejected(DICOMDIR_REASON)
 
-        _check_pixel_data(ds, fp, transfer_syntax)
-        _convert_every_element(ds.file_meta)
-        _convert_every_element(ds)
-        return _read_header(ds, transfer_syntax)
+        value = _Values(ds)
+        _check_pixel_data(ds, value, data_set, transfer_syntax)
+        _check_every_element(meta)
+        _check_every_element(ds)
+        return _read_header(value, transfer_syntax)
+
+
+def _past_file_meta(tag: int, _vr: str | None, _length: int) -> bool:
+    return tag >> 16 != 0x0002
 
 
 DICOMDIR_REASON = ("it is a DICOMDIR (disc index), not an image; the images it lists "
@@ -457,11 +519,12 @@ def describe_non_dicom(head: bytes) -> str:
     return 'it has no "DICM" marker after the 128-byte preamble (PS3.10 7.1)'
 
 
-def _check_inflated_size(fp: BinaryIO) -> None:
-    """A deflated data set (PS3.5 A.5) is inflated whole into memory when read; refuse
-    one that would inflate beyond the size limit (a "zip bomb") before that happens."""
+def _check_inflated_size(fp: BinaryIO, start: int) -> None:
+    """A deflated data set (PS3.5 A.5), from ``start``, is inflated whole into memory
+    when read; refuse one that would inflate beyond the size limit (a "zip bomb")
+    before that happens."""
     limit = settings.INGEST_MAX_FILE_BYTES
-    fp.seek(_file_meta_end(fp))
+    fp.seek(start)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = 0
     while chunk := fp.read(CHUNK_SIZE):
@@ -476,26 +539,8 @@ def _check_inflated_size(fp: BinaryIO) -> None:
             data = inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
 
 
-def _file_meta_end(fp: BinaryIO) -> int:
-    """The offset just past the File Meta Information: the group 0002 elements after
-    "DICM", always Explicit VR Little Endian (PS3.10 7.1)."""
-    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-
-    fp.seek(PREAMBLE_LENGTH + 4)
-    while True:
-        start = fp.tell()
-        header = fp.read(8)
-        if len(header) < 8:
-            return start
-        group, _element, vr, length = struct.unpack("<HH2sH", header)
-        if group != 0x0002:
-            return start
-        if vr.decode("latin-1") in EXPLICIT_VR_LENGTH_32:
-            (length,) = struct.unpack("<L", fp.read(4))
-        fp.seek(length, os.SEEK_CUR)
-
-
-def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
+def _check_pixel_data(ds: Dataset, value: _Values, fp: BinaryIO, transfer_syntax: UID
+                      ) -> None:
     """Reject top-level Pixel Data that cannot hold the image it describes (see
     ``ingest_file``). Runs on the raw elements, before anything converts them."""
     from pydicom.dataelem import RawDataElement
@@ -517,7 +562,7 @@ def _check_pixel_data(ds: Dataset, fp: BinaryIO, transfer_syntax: UID) -> None:
                             "says it is compressed (PS3.5 A.4)")
         if raw.value is not None and len(raw.value) < raw.length:
             raise _Rejected(TRUNCATED)
-        if raw.length < _expected_native_length(ds):
+        if raw.length < _expected_native_length(value):
             raise _Rejected("its image data is shorter than the image size it declares "
                             "(the file was probably cut short)")
 
@@ -549,70 +594,79 @@ def _check_fragments(raw: RawDataElement, fp: BinaryIO) -> None:
         raise _Rejected("its compressed image data is damaged or cut short")
 
 
-def _expected_native_length(ds: Dataset) -> int:
+def _expected_native_length(value: _Values) -> int:
     """The bytes that native Pixel Data of this image needs (PS3.5 8.1.1)."""
-    rows = _positive_int(ds.get("Rows"))
-    columns = _positive_int(ds.get("Columns"))
-    bits_allocated = _positive_int(ds.get("BitsAllocated"))
+    rows = _positive_int(value(ROWS))
+    columns = _positive_int(value(COLUMNS))
+    bits_allocated = _positive_int(value(BITS_ALLOCATED))
     if not (rows and columns and bits_allocated):
         raise _Rejected("it has image data but no valid Rows, Columns and Bits Allocated "
                         "to describe it")
-    samples = _positive_int(ds.get("SamplesPerPixel")) or 1
+    samples = _positive_int(value(SAMPLES_PER_PIXEL)) or 1
     # An unreadable Number of Frames still means at least one frame.
-    frames = _positive_int(ds.get("NumberOfFrames")) or 1
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+    frames = _positive_int(value(NUMBER_OF_FRAMES)) or 1
+    if _text(value(PHOTOMETRIC_INTERPRETATION)) == "YBR_FULL_422":
         samples = 2  # PS3.3 C.7.6.3.1.2: two luminance samples share one Cb and one Cr
     bits = rows * columns * samples * frames * bits_allocated
     return (bits + 7) // 8
 
 
-def _convert_every_element(ds: Dataset) -> None:
-    """Convert every element's value, recursing into sequences, so that a damaged
-    element is found now rather than when someone opens the image. Large binary
-    values left on disc are not loaded: the file-size check covers their extent.
-    Character strings read whole are only checked for their length (see TEXT_VRS):
-    they are most of a header, and converting each costs more than reading the file."""
+def _check_every_element(ds: Dataset) -> None:
+    """Check that every element's value can be converted, recursing into sequences, so
+    that a damaged element is found now rather than when someone opens the image.
+    Large binary values left on disc are not loaded: the file-size check covers their
+    extent. Character strings are only checked for their length (see TEXT_VRS), and
+    binary numbers for a length that is a multiple of their size (the one way their
+    conversion fails, PS3.5 6.2): they are nearly all of a header, and converting each
+    costs more than reading the file. Anything else is converted."""
     from pydicom.dataelem import RawDataElement
 
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag, keep_deferred=True)
+    for tag, raw in list(ds.items()):
         if isinstance(raw, RawDataElement):
-            if raw.value is None and raw.length != 0:  # deferred: left on disc
-                if _binary_vr(raw):
+            rule = _vr_rule(raw.VR if raw.VR is not None else _dictionary_vr(tag))
+            value = raw.value
+            if value is None:
+                if raw.length != 0 and rule.binary:  # deferred: left on disc
                     continue
-            elif (raw.value is not None and raw.length != UNDEFINED_LENGTH
-                  and len(raw.value) < raw.length):
+            elif raw.length != UNDEFINED_LENGTH and len(value) < raw.length:
                 raise _Rejected(TRUNCATED)
-            elif raw.value is not None and _text_vr(raw):
+            elif rule.text:
+                continue
+            elif rule.number_sizes and all(len(value) % size == 0
+                                           for size in rule.number_sizes):
                 continue
         element = ds[tag]
         if element.VR == "SQ":
             for item in element.value:
-                _convert_every_element(item)
+                _check_every_element(item)
 
 
-def _text_vr(raw: RawDataElement) -> bool:
+@dataclass(frozen=True)
+class _VRRule:
+    text: bool  # a character string, whichever VR it has
+    binary: bool  # may be opaque bytes (OB, UN...), or a tag nobody knows
+    number_sizes: tuple[int, ...]  # binary numbers, whichever VR: their sizes
+
+
+@functools.cache
+def _vr_rule(vr: str | None) -> _VRRule:
+    """How to check an element of the VR read (explicit VR) or of the dictionary
+    ("US or SS" for either; None for a tag the dictionary does not know)."""
+    vrs = set(vr.split(" or ")) if vr else set()
+    sizes = [NUMBER_SIZES.get(one) for one in vrs]
+    return _VRRule(text=bool(vrs) and vrs <= TEXT_VRS,
+                   binary=not vrs or bool(BINARY_VRS & vrs),
+                   number_sizes=tuple(sizes) if vrs and None not in sizes else ())
+
+
+@functools.cache
+def _dictionary_vr(tag: int) -> str | None:
     from pydicom.datadict import dictionary_VR
 
-    vr = raw.VR
-    if vr is None:  # implicit VR: read as the dictionary's
-        try:
-            vr = dictionary_VR(raw.tag)
-        except KeyError:
-            return False
-    return vr in TEXT_VRS
-
-
-def _binary_vr(raw: RawDataElement) -> bool:
-    from pydicom.datadict import dictionary_VR
-
-    vr = raw.VR
-    if vr is None:  # implicit VR: the dictionary's, and private tags are opaque
-        try:
-            vr = dictionary_VR(raw.tag)
-        except KeyError:
-            return True
-    return bool(BINARY_VRS.intersection(vr.split(" or ")))
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 # --- Reading the index fields ------------------------------------------------------
@@ -632,60 +686,83 @@ REFERRING_PHYSICIAN_NAME, STUDY_DESCRIPTION, STUDY_ID = 0x00080090, 0x00081030, 
 MODALITY, SERIES_DESCRIPTION, BODY_PART_EXAMINED = 0x00080060, 0x0008103E, 0x00180015
 SERIES_NUMBER, INSTANCE_NUMBER = 0x00200011, 0x00200013
 NUMBER_OF_FRAMES, ROWS, COLUMNS = 0x00280008, 0x00280010, 0x00280011
+SAMPLES_PER_PIXEL, PHOTOMETRIC_INTERPRETATION = 0x00280002, 0x00280004
+BITS_ALLOCATED = 0x00280100
+MEDIA_STORAGE_SOP_CLASS_UID, TRANSFER_SYNTAX_UID = 0x00020002, 0x00020010
 
 
-def _value(ds: Dataset, tag: int):
-    """The value of the element ``tag`` of ``ds``, or None when it is absent."""
-    element = ds.get(tag)
-    return None if element is None else element.value
+class _Values:
+    """The values of a data set's top-level elements as pydicom converts them, None for
+    an element that is absent: ``_Values(ds)(tag)``. A raw element read whole with a VR
+    of its own or the dictionary's is converted by pydicom's converter for that VR
+    directly; anything else (a value left on disc, an element marked UN) the
+    ``Dataset`` way."""
+
+    def __init__(self, ds: Dataset):
+        from pydicom.dataelem import RawDataElement
+        from pydicom.values import convert_value
+
+        self.ds, self.encodings = ds, ds.original_character_set
+        self.elements = ds.items().mapping
+        self.raw_type, self.convert = RawDataElement, convert_value
+
+    def __call__(self, tag: int):
+        element = self.elements.get(tag)
+        if element is None:
+            return None
+        if isinstance(element, self.raw_type):
+            if element.value is None or element.VR == "UN":
+                return self.ds[tag].value
+            return self.convert(element.VR or _dictionary_vr(tag), element, self.encodings)
+        return element.value
 
 
-def _read_header(ds: Dataset, transfer_syntax: UID) -> _Header:
+def _read_header(value: _Values, transfer_syntax: UID) -> _Header:
     from pydicom.multival import MultiValue
 
     uids = {}
     for tag, label in UID_LABELS:
-        value = _value(ds, tag)
-        if isinstance(value, MultiValue):
+        found = value(tag)
+        if isinstance(found, MultiValue):
             raise _Rejected(f"its {label} holds more than one value")
-        uid = _clean_uid(value)
+        uid = _clean_uid(found)
         if not uid:
             raise _Rejected(f"it has no {label}, which every DICOM object must have")
         if not _is_valid_uid(uid):
             raise _Rejected(f"its {label} is malformed (PS3.5 9.1: at most 64 digits "
                             "and dots)")
         uids[tag] = uid
-    name = _person_name(_value(ds, PATIENT_NAME))
+    name = _person_name(value(PATIENT_NAME))
     patient = {
-        "patient_id": _fit(Patient, "patient_id", _text(_value(ds, PATIENT_ID))),
+        "patient_id": _fit(Patient, "patient_id", _text(value(PATIENT_ID))),
         "issuer_of_patient_id": _fit(Patient, "issuer_of_patient_id",
-                                     _text(_value(ds, ISSUER_OF_PATIENT_ID))),
+                                     _text(value(ISSUER_OF_PATIENT_ID))),
         "name": _fit(Patient, "name", name),
-        "birth_date": _parse_date(_value(ds, PATIENT_BIRTH_DATE)),
-        "sex": _fit(Patient, "sex", _text(_value(ds, PATIENT_SEX))),
+        "birth_date": _parse_date(value(PATIENT_BIRTH_DATE)),
+        "sex": _fit(Patient, "sex", _text(value(PATIENT_SEX))),
     }
     patient["name_search"] = _fit(Patient, "name_search", name_search_key(patient["name"]))
     study = {
-        "study_date": _parse_date(_value(ds, STUDY_DATE)),
-        "study_time": _parse_time(_value(ds, STUDY_TIME)),
-        "description": _fit(Study, "description", _text(_value(ds, STUDY_DESCRIPTION))),
+        "study_date": _parse_date(value(STUDY_DATE)),
+        "study_time": _parse_time(value(STUDY_TIME)),
+        "description": _fit(Study, "description", _text(value(STUDY_DESCRIPTION))),
         "accession_number": _fit(Study, "accession_number",
-                                 _text(_value(ds, ACCESSION_NUMBER))),
+                                 _text(value(ACCESSION_NUMBER))),
         "referring_physician": _fit(Study, "referring_physician",
-                                    _person_name(_value(ds, REFERRING_PHYSICIAN_NAME))),
-        "study_id": _fit(Study, "study_id", _text(_value(ds, STUDY_ID))),
+                                    _person_name(value(REFERRING_PHYSICIAN_NAME))),
+        "study_id": _fit(Study, "study_id", _text(value(STUDY_ID))),
     }
     series = {
-        "modality": _fit(Series, "modality", _text(_value(ds, MODALITY))),
-        "series_number": _bounded_int(_value(ds, SERIES_NUMBER)),
-        "description": _fit(Series, "description", _text(_value(ds, SERIES_DESCRIPTION))),
-        "body_part": _fit(Series, "body_part", _text(_value(ds, BODY_PART_EXAMINED))),
+        "modality": _fit(Series, "modality", _text(value(MODALITY))),
+        "series_number": _bounded_int(value(SERIES_NUMBER)),
+        "description": _fit(Series, "description", _text(value(SERIES_DESCRIPTION))),
+        "body_part": _fit(Series, "body_part", _text(value(BODY_PART_EXAMINED))),
     }
     instance = {
-        "instance_number": _bounded_int(_value(ds, INSTANCE_NUMBER)),
-        "number_of_frames": _positive_int(_value(ds, NUMBER_OF_FRAMES)) or 1,
-        "rows": _positive_int(_value(ds, ROWS)),
-        "columns": _positive_int(_value(ds, COLUMNS)),
+        "instance_number": _bounded_int(value(INSTANCE_NUMBER)),
+        "number_of_frames": _positive_int(value(NUMBER_OF_FRAMES)) or 1,
+        "rows": _positive_int(value(ROWS)),
+        "columns": _positive_int(value(COLUMNS)),
     }
     return _Header(
         transfer_syntax_uid=str(transfer_syntax),
@@ -818,13 +895,15 @@ class _SpooledFile(File):
 
 def _store(instance: Instance | InstanceConflict, received: _Received, name: str) -> None:
     """Put the received bytes in the archive's storage under a name of its own: the
-    spooled file itself when it is still there, else a copy of it (read through the
-    handle, which outlives the name)."""
+    file spooled to disc itself when it is still there, else a copy of the spool (read
+    through the handle, which outlives the name)."""
     received.spool.flush()
     received.spool.seek(0)
-    spooled = (_SpooledFile if received.path.exists() else File)(
-        received.spool, name=str(received.path))
-    instance.file.save(name, spooled, save=False)
+    if received.path is not None and received.path.exists():
+        instance.file.save(name, _SpooledFile(received.spool, name=str(received.path)),
+                           save=False)
+    else:
+        instance.file.save(name, File(received.spool, name=name), save=False)
 
 
 def _archive_many(*, facility: Facility, source: str,

@@ -497,7 +497,7 @@ def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *
                 _receive_dicomdir(row.upload, row, body)
             else:
                 number = len(batch)
-                batch.add(fileobj=body)
+                batch.add(fileobj=body, size=sent.size)
             if body.incomplete or body.read_bytes != sent.size:
                 # What was cut short is not settled: the browser sends it again.
                 incomplete = True
