@@ -34,7 +34,15 @@ from django.utils.translation import gettext_lazy as _
 
 from pockethealth.models import Facility
 
-from .models import IngestSource, Instance, InstanceConflict, Patient, Series, Study
+from .models import (
+    IngestSource,
+    Instance,
+    InstanceConflict,
+    Patient,
+    Series,
+    Study,
+    archive_file_name,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataelem import RawDataElement
@@ -897,13 +905,47 @@ def _store(instance: Instance | InstanceConflict, received: _Received, name: str
     """Put the received bytes in the archive's storage under a name of its own: the
     file spooled to disc itself when it is still there, else a copy of the spool (read
     through the handle, which outlives the name)."""
+    from django.core.files.storage import FileSystemStorage
+
     received.spool.flush()
     received.spool.seek(0)
-    if received.path is not None and received.path.exists():
+    storage = instance.file.storage
+    if received.path is None and isinstance(storage, FileSystemStorage):
+        instance.file.name = _write_new_local(
+            storage, archive_file_name(instance, name), received.spool.getbuffer())
+    elif received.path is not None and received.path.exists():
         instance.file.save(name, _SpooledFile(received.spool, name=str(received.path)),
                            save=False)
     else:
         instance.file.save(name, File(received.spool, name=name), save=False)
+
+
+def _write_new_local(storage, name: str, data: memoryview) -> str:
+    """Write a file held in memory as the new file ``name`` of a local storage, in one
+    piece, and return the name: what ``storage.save`` does, less finding a free name
+    and checking it, which a random name made here does not need and which cost more
+    than the writing. Never replaces a file."""
+    from django.utils._os import safe_makedirs
+    path = os.path.join(storage.location, name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:  # the first file of its folder
+        if storage.directory_permissions_mode is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        else:  # as storage does it: os.makedirs leaves the mode to the umask
+            safe_makedirs(os.path.dirname(path), storage.directory_permissions_mode,
+                          exist_ok=True)
+        fd = os.open(path, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if storage.file_permissions_mode is not None:
+            os.chmod(path, storage.file_permissions_mode)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return name
 
 
 def _archive_many(*, facility: Facility, source: str,

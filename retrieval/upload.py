@@ -336,17 +336,24 @@ def files_announce(*, upload: Upload, files: list[AnnouncedFile], total_files: i
             bytes_expected=max(bytes_after, total_bytes), updated_at=now)
     by_path = {row.path: row for row in [*known.values(), *rows]}
     answer = Announcement(total_files=files_after, total_bytes=bytes_after)
+    labels = outcome_labels()
     for path in paths:
         row = by_path.get(path)
         if row is None:
             answer.files.append({"path": path, "outcome": Outcome.REFUSED,
-                                 "label": str(Outcome.REFUSED.label),
+                                 "label": labels[Outcome.REFUSED],
                                  "reason": _("the file has no name")})
         else:
             answer.files.append({"path": row.path, "outcome": row.outcome,
-                                 "label": str(row.get_outcome_display()),
-                                 "reason": row.reason})
+                                 "label": labels[row.outcome], "reason": row.reason})
     return answer
+
+
+def outcome_labels() -> dict[str, str]:
+    """Each file outcome's label in the active language, for a whole answer at once:
+    ``get_outcome_display()`` translates every choice's label on each call, which for
+    a batch of files cost more than the rest of the answer."""
+    return {value: str(label) for value, label in Outcome.choices}
 
 
 def _check_limits(files: int, size: int, *, total_files: int) -> None:
@@ -404,6 +411,31 @@ class _Body:
         return chunk
 
 
+class _Pieces:
+    """A request body read from the server in large pieces and handed out in the sizes
+    asked for. gunicorn copies what it has read ahead on every read, so reading each
+    file of a batch on its own cost more than checking it."""
+
+    PIECE = 1024 * 1024
+
+    def __init__(self, stream: BinaryIO, length: int):
+        self.stream, self.left = stream, length
+        self.piece, self.at = memoryview(b""), 0
+
+    def read(self, n: int) -> bytes:
+        if self.at == len(self.piece):
+            if self.left <= 0:
+                return b""
+            data = self.stream.read(min(self.PIECE, self.left))
+            if not data:
+                self.left = 0
+                return b""
+            self.left -= len(data)
+            self.piece, self.at = memoryview(data), 0
+        start, self.at = self.at, min(self.at + n, len(self.piece))
+        return self.piece[start:self.at].tobytes()
+
+
 @dataclass(frozen=True)
 class SentFile:
     """One file of a batch as the browser names it: its path on the disc, and how many
@@ -452,17 +484,18 @@ def session_files_receive(*, request_id: int, binding: str, facility: str,
                           files: list[SentFile], stream: BinaryIO, now: datetime.datetime
                           ) -> list[FileAnswer] | None:
     """``files_receive`` for an uploader's session, which names its request by id and
-    binding: the request is read together with the files' rows, in one query. None,
-    with nothing read, when that finds no row of an open upload whose request is still
-    open, of ``facility`` and bound to ``binding``; the caller then looks closer (the
-    session may have ended, the files not been announced)."""
+    binding. None, with nothing read, when no file is of an open upload of that
+    request, or the request is not open, of ``facility`` and bound to ``binding``; the
+    caller then looks closer (the session may have ended, the files not been
+    announced)."""
     _check_free_space()
     paths = [path_clean(f.path) for f in files]
-    rows = {row.path: row for row in _open_rows(paths).select_related(
-        "upload__request__facility").filter(upload__request_id=request_id)}
+    rows = {row.path: row for row in _open_rows(paths).filter(upload__request_id=request_id)}
     if not rows:
         return None
-    record_request = next(iter(rows.values())).upload.request
+    # Read on its own, not joined to each of the rows: making its model instances for
+    # every file of a batch costs more than the query.
+    record_request = RecordRequest.objects.select_related("facility").get(pk=request_id)
     if not (record_request.is_open and record_request.facility.short_name == facility
             and binding == request_session_binding(record_request)):
         return None
@@ -483,6 +516,7 @@ def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *
     settled: list[UploadedFile] = []
     waiting: list[tuple[int, UploadedFile]] = []  # (number in the batch, row)
     incomplete = False
+    stream = _Pieces(stream, sum(sent.size for sent in files))
     with IngestBatch(facility=record_request.facility, source=IngestSource.UPLOAD) as batch:
         for sent, path in zip(files, paths, strict=True):
             body = _Body(stream, sent.size)

@@ -52,6 +52,7 @@ from .upload import (
     facility_for_portal,
     files_announce,
     files_receive,
+    outcome_labels,
     pin_is_well_formed,
     request_decline,
     request_open_by_link,
@@ -433,7 +434,7 @@ def upload_file(request: HttpRequest, facility: str) -> HttpResponse:
         return answers
     if answers[0].error:
         return _json_error(answers[0].error, 409)
-    return JsonResponse(_file_json(answers[0]))
+    return JsonResponse(_file_json(answers[0], outcome_labels()))
 
 
 @require_POST
@@ -451,7 +452,8 @@ def upload_batch(request: HttpRequest, facility: str) -> HttpResponse:
     answers = _files_take(request, facility, files)
     if isinstance(answers, HttpResponse):
         return answers
-    return JsonResponse({"files": [_file_json(answer) for answer in answers]})
+    labels = outcome_labels()
+    return JsonResponse({"files": [_file_json(answer, labels) for answer in answers]})
 
 
 def _manifest(request: HttpRequest) -> list[SentFile]:
@@ -518,12 +520,12 @@ def _file_error(refused: RetrievalError) -> HttpResponse:
     return _json_error(str(refused), 409)
 
 
-def _file_json(answer: FileAnswer) -> dict:
+def _file_json(answer: FileAnswer, labels: dict[str, str]) -> dict:
     if answer.row is None:
         return {"path": answer.path, "error": answer.error}
     row = answer.row
-    return {"path": row.path, "outcome": row.outcome,
-            "label": str(row.get_outcome_display()), "reason": row.reason}
+    return {"path": row.path, "outcome": row.outcome, "label": labels[row.outcome],
+            "reason": row.reason}
 
 
 # --- Summary, confirm, done ------------------------------------------------------------
