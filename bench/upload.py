@@ -405,9 +405,10 @@ def main() -> None:
         server = Gunicorn(env, web_port, args.workers, args.threads, work / "gunicorn.log")
 
         print("Warming up…", flush=True)
-        # Enough requests that every worker has read a file (and imported pydicom).
+        # Enough connections (each stays with the worker that accepted it) that every
+        # worker has read files, and imported pydicom, before the first round.
         warm_up = paths[:min(len(paths), 200 * args.workers)]
-        upload_ours(web_port, warm_up, root, args.clients)
+        upload_ours(web_port, warm_up, root, max(args.clients, 4 * args.workers))
         upload_orthanc(http_port, warm_up, args.clients)
         orthanc_empty(http_port)
         for number in range(args.rounds):

@@ -383,13 +383,15 @@ def _receive(spool: BinaryIO, spool_path: Path | None, *, path, fileobj) -> _Rec
                 break
             if len(head) < 256:
                 head += chunk[: 256 - len(head)]
-            if size < PREAMBLE_LENGTH:
-                zeroed = min(PREAMBLE_LENGTH - size, len(chunk))
-                chunk = bytes(zeroed) + chunk[zeroed:]
-            size += len(chunk)
+            start, size = size, size + len(chunk)
             if size > limit:
                 raise _Rejected(f"the file is larger than the {filesizeformat(limit)} "
                                 "allowed for one file")
+            if start < PREAMBLE_LENGTH:
+                zeros = bytes(min(PREAMBLE_LENGTH - start, len(chunk)))
+                digest.update(zeros)
+                spool.write(zeros)
+                chunk = memoryview(chunk)[len(zeros):]  # the rest, not a copy of it
             digest.update(chunk)
             spool.write(chunk)
     finally:
@@ -784,6 +786,8 @@ def _read_header(value: _Values, transfer_syntax: UID) -> _Header:
 
 def _clean_uid(value) -> str:
     """A UI value without its padding (PS3.5 9.1: a trailing NUL pads to even length)."""
+    if isinstance(value, str):  # nearly always: checked before importing anything
+        return value.strip(" \0")
     from pydicom.multival import MultiValue
 
     if value is None or isinstance(value, MultiValue | list):
@@ -798,6 +802,8 @@ def _is_valid_uid(uid: str) -> bool:
 def _text(value) -> str:
     """A string value as text: multiple values joined with "\\" (PS3.5 6.4), padding
     and NULs (which PostgreSQL refuses) removed."""
+    if isinstance(value, str):  # nearly always: checked before importing anything
+        return value.replace("\0", "").strip()
     from pydicom.multival import MultiValue
 
     if value is None:
@@ -835,6 +841,8 @@ def _positive_int(value) -> int | None:
 def _bounded_int(value) -> int | None:
     """An IS or US value as an integer that fits an integer column, or None when it is
     absent or unreadable (an IS like "1A" is left as text by pydicom)."""
+    if isinstance(value, int):  # nearly always: checked before importing anything
+        return value if -(2**31) <= value < 2**31 else None
     from pydicom.multival import MultiValue
 
     if isinstance(value, MultiValue | list):

@@ -394,7 +394,7 @@ class _Body:
         self.stream, self.size, self.read_bytes = stream, size, 0
         self.incomplete = False
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | memoryview:
         left = self.size - self.read_bytes
         if left <= 0:
             return b""
@@ -422,7 +422,7 @@ class _Pieces:
         self.stream, self.left = stream, length
         self.piece, self.at = memoryview(b""), 0
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview:
         if self.at == len(self.piece):
             if self.left <= 0:
                 return b""
@@ -433,7 +433,7 @@ class _Pieces:
             self.left -= len(data)
             self.piece, self.at = memoryview(data), 0
         start, self.at = self.at, min(self.at + n, len(self.piece))
-        return self.piece[start:self.at].tobytes()
+        return self.piece[start:self.at]  # a view: the spool it goes to copies it
 
 
 @dataclass(frozen=True)
