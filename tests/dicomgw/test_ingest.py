@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import random
+import stat
 import tracemalloc
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -323,8 +324,9 @@ def test_the_index_reads_each_element_as_pydicom_reads_it(tmp_path, testdata_dir
             except services._Rejected:
                 continue
         ds = dcmread(path)
-        expected = services._read_header(lambda tag: ds[tag].value if tag in ds else None,
-                                         UID(header.transfer_syntax_uid))
+        expected = services._read_header(
+            lambda tag, ds=ds: ds[tag].value if tag in ds else None,
+            UID(header.transfer_syntax_uid))
         if header != expected:
             differences.append(path.name)
         compared += 1
@@ -745,6 +747,25 @@ def test_unusable_content_is_rejected_with_a_reason(facility, content, reason):
     assert outcome.status == IngestStatus.REJECTED
     assert reason in outcome.reason
     assert row_counts(facility) == (0, 0, 0, 0, 0, 0)
+
+
+def test_files_held_in_memory_and_files_spooled_to_disc_are_stored_alike(
+        facility, tmp_path, settings, monkeypatch):
+    small = make_dicom(tmp_path / "a.dcm", SOPInstanceUID="1.2.826.0.1.3680043.2.1.1")
+    large = make_dicom(tmp_path / "b.dcm", SOPInstanceUID="1.2.826.0.1.3680043.2.1.2")
+
+    held = ingest_file(facility=facility, path=small, source=IngestSource.UPLOAD)
+    monkeypatch.setattr(services, "MEMORY_FILE_BYTES", 100)  # b.dcm is larger
+    spooled = ingest_file(facility=facility, path=large, source=IngestSource.UPLOAD)
+
+    for outcome, path in ((held, small), (spooled, large)):
+        assert outcome.status == IngestStatus.STORED
+        stored = Path(archive_storage().path(outcome.instance.file.name))
+        assert stored.read_bytes() == as_stored(path.read_bytes())
+        # The storage's modes (STORAGES["archive"]), whichever way the file was written.
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o640
+        assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o750
+    assert [p for p in Path(settings.SPOOL_DIR).rglob("*") if p.is_file()] == []
 
 
 def test_a_file_over_the_size_limit_is_rejected(facility, tmp_path, settings):
