@@ -222,8 +222,6 @@ def ingest_file(*, facility: Facility, path: str | os.PathLike | None = None,
     too); nothing else is changed. Nothing from the file or the client chooses where
     it is stored.
     """
-    if (path is None) == (fileobj is None):
-        raise DicomGatewayError("ingest_file takes exactly one of path or fileobj")
     with IngestBatch(facility=facility, source=source) as batch:
         batch.add(path=path, fileobj=fileobj)
         return batch.archive()[0]
@@ -283,7 +281,7 @@ class IngestBatch:
         until it is archived, and then written once, where it belongs; any other is
         spooled to disc and moved there."""
         if (path is None) == (fileobj is None):
-            raise DicomGatewayError("add takes exactly one of path or fileobj")
+            raise DicomGatewayError("give exactly one of path or fileobj")
         if path is not None:
             try:
                 size = os.stat(path).st_size
