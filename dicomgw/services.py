@@ -425,11 +425,13 @@ def _read_checked(received: _Received) -> _Header:
     the index keeps is converted straight from the elements read, not through a
     ``Dataset``'s attribute machinery: a file's header is read for every image received,
     and that machinery cost more than reading the whole file."""
+    # First the package, whole: a thread importing one of its modules first does not
+    # wait for another thread still importing the package, and finds it half made.
+    quiet_pydicom_reading()
     from pydicom.dataset import FileDataset
     from pydicom.filereader import read_dataset
     from pydicom.uid import UID, AllTransferSyntaxes, MediaStorageDirectoryStorage
 
-    quiet_pydicom_reading()
     # A file spooled to disc is read through a handle of our own, opened by name:
     # pydicom puts the file's name in some messages and needs it to be a string.
     with (open(received.path, "rb") if received.path is not None
