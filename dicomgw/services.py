@@ -361,8 +361,8 @@ def _spool_remove(spool: BinaryIO, path: Path | None) -> None:
 
 def _receive(spool: BinaryIO, spool_path: Path | None, *, path, fileobj) -> _Received:
     """Copy the file to the spool in chunks, zeroing the preamble and hashing what is
-    written, in constant memory. A file that cannot be read is rejected; a spool that
-    cannot be written raises."""
+    written (a spool in memory is only given for a file known to fit). A file that
+    cannot be read is rejected; a spool that cannot be written raises."""
     limit = settings.INGEST_MAX_FILE_BYTES
     digest = hashlib.sha256()
     size = 0
@@ -466,8 +466,8 @@ def _read_checked(received: _Received) -> _Header:
             start = fp.tell()
             _check_inflated_size(fp, start)
             fp.seek(start)
-            data_set = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
-            size = len(data_set.getbuffer())
+            inflated = zlib.decompress(fp.read(), -zlib.MAX_WBITS)
+            data_set, size = BytesIO(inflated), len(inflated)
         read = read_dataset(data_set, is_implicit_VR=transfer_syntax.is_implicit_VR,
                             is_little_endian=transfer_syntax.is_little_endian,
                             defer_size=None if transfer_syntax.is_deflated else DEFER_SIZE)
@@ -486,7 +486,7 @@ def _read_checked(received: _Received) -> _Header:
             raise _Rejected(DICOMDIR_REASON)
 
         value = _Values(ds)
-        _check_pixel_data(ds, value, data_set, transfer_syntax)
+        _check_pixel_data(value, data_set, transfer_syntax)
         _check_every_element(meta)
         _check_every_element(ds)
         return _read_header(value, transfer_syntax)
@@ -549,14 +549,13 @@ def _check_inflated_size(fp: BinaryIO, start: int) -> None:
             data = inflater.decompress(inflater.unconsumed_tail, CHUNK_SIZE)
 
 
-def _check_pixel_data(ds: Dataset, value: _Values, fp: BinaryIO, transfer_syntax: UID
-                      ) -> None:
+def _check_pixel_data(value: _Values, fp: BinaryIO, transfer_syntax: UID) -> None:
     """Reject top-level Pixel Data that cannot hold the image it describes (see
     ``ingest_file``). Runs on the raw elements, before anything converts them."""
     from pydicom.dataelem import RawDataElement
 
     for tag in PIXEL_DATA_TAGS:
-        raw = ds.get_item(tag, keep_deferred=True)
+        raw = value.elements.get(tag)  # as read: nothing converts it here
         if raw is None:
             continue
         if not isinstance(raw, RawDataElement):

@@ -422,7 +422,7 @@ class _Pieces:
         self.stream, self.left = stream, length
         self.piece, self.at = memoryview(b""), 0
 
-    def read(self, n: int) -> memoryview:
+    def read(self, n: int) -> bytes | memoryview:
         if self.at == len(self.piece):
             if self.left <= 0:
                 return b""
