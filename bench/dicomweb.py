@@ -14,6 +14,7 @@ Debian's ``orthanc-dicomweb`` plugin, stores the same files. Then, for each serv
 
     .venv/bin/python bench/dicomweb.py [--slices 500] [--connections 6] [--rounds 5]
                                        [--workers 2] [--postgres URL] [--cache URL]
+                                       [--profile PREFIX]
 
 The last line printed is one JSON object: frames per second, ours beside Orthanc's."""
 
@@ -36,6 +37,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))
 
+from bench.upload import start_profilers, stop_profilers  # noqa: E402
 from bench.view import (  # noqa: E402
     Gunicorn,
     create_postgres_database,
@@ -220,6 +222,9 @@ def main() -> None:
                                                "postgres://postgres@127.0.0.1:5432/"))
     parser.add_argument("--cache", metavar="URL",
                         default=os.environ.get("BENCH_CACHE_URL", "redis://127.0.0.1:6379/13"))
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="py-spy stacks of our workers during the first frames round, "
+                             "one raw file per worker: PREFIX-<pid>.txt")
     args = parser.parse_args()
     if not (os.access(ORTHANC, os.X_OK) and Path(DICOMWEB_PLUGIN).exists()):
         sys.exit("Orthanc and its DICOMweb plugin are required (apt-get install orthanc "
@@ -266,8 +271,12 @@ def main() -> None:
             paths = [f"{root}{series_path}/instances/{sop}/frames/1" for sop in sops]
             frame_headers = {**headers, "Accept": frames_accept}
             frames_run(port, paths[:20], frame_headers, args.connections)  # warm-up
-            runs = [frames_run(port, paths, frame_headers, args.connections)
-                    for _ in range(args.rounds)]
+            profilers = (start_profilers(server, args.profile)
+                         if args.profile and key == "ours" else [])
+            runs = [frames_run(port, paths, frame_headers, args.connections)]
+            stop_profilers(profilers)
+            runs += [frames_run(port, paths, frame_headers, args.connections)
+                     for _ in range(args.rounds - 1)]
             seconds = statistics.median(s for s, _bytes in runs)
             results[key] = {"metadata_first_s": first, "metadata_again_s": again,
                             "frames_per_s": len(paths) / seconds,

@@ -43,7 +43,7 @@ from urllib.parse import urlencode
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from view import (  # noqa: E402  (bench/view.py, beside this script)
+from bench.view import (  # noqa: E402
     Gunicorn,
     create_postgres_database,
     drop_postgres_database,

@@ -97,7 +97,10 @@ def _session_share(request: HttpRequest, now: datetime.datetime) -> Share | None
     ended = session_ended(started=session.get(STARTED, 0), seen=session.get(SEEN, 0), now=now)
     share = None
     if ended is None:
-        share = Share.objects.select_related("facility").filter(pk=share_id).first()
+        try:
+            share = Share.objects.select_related("facility").get(pk=share_id)
+        except Share.DoesNotExist:
+            share = None
         if share is None or session.get(BINDING) != share_session_binding(share):
             ended = "closed"
         elif share.is_revoked:

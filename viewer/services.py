@@ -15,6 +15,7 @@ never decoded or compressed again."""
 import base64
 import datetime
 import functools
+import hashlib
 import json
 import math
 import re
@@ -60,6 +61,9 @@ METADATA_CACHE_SECONDS = 24 * 3600
 METADATA_FORMAT = 1
 # A study opened again within this time by the same visitor is not audited again.
 OPEN_AUDIT_SECONDS = 30 * 60
+# An instance found in a scope is found again from the cache for this long (a viewer
+# reads a series' metadata, then asks for each of its frames).
+INSTANCE_CACHE_SECONDS = 15 * 60
 
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
@@ -131,6 +135,15 @@ class Scope:
     def url(self, *segments: str) -> str:
         return "/".join([self.root, *segments])
 
+    @property
+    def key(self) -> tuple | None:
+        """The scope as one visitor has it (a session's own, random key included), for
+        keeping what was found in it; None for a visitor without a session."""
+        if not self.visitor:
+            return None
+        return (self.kind, self.facility_id, self.share.pk if self.share else None,
+                self.visitor)
+
 
 def scope_for_share(*, share: Share, root: str, visitor: str = "") -> Scope:
     return Scope(kind=RECIPIENT, facility_id=share.facility_id, root=root, share=share,
@@ -159,8 +172,37 @@ def study_get(*, scope: Scope, study_uid: str) -> Study:
 def instances_get(*, scope: Scope, study_uid: str, series_uid: str | None = None,
                   sop_uid: str | None = None) -> list[Instance]:
     """The instances of a study, of one of its series, or one instance, in the order a
-    viewer shows them; ``ViewerError`` (404) when there are none in the scope. Asked
-    for with every frame, so kept to one query on unique keys."""
+    viewer shows them; ``ViewerError`` (404) when there are none in the scope.
+
+    A viewer reads a series' metadata, then asks for each instance's frames: the
+    instances found are kept in the cache for ``INSTANCE_CACHE_SECONDS``, for the
+    visitor's session, and one instance is found there. An archived instance never
+    changes, and a share's exams only grow while it lasts; whether the visitor may still
+    look (the session, the share revoked or expired) is checked before, every time. What
+    is not found is not kept: a retrieve may be bringing it."""
+    keep = scope.key is not None
+    if keep and sop_uid is not None and series_uid is not None:
+        kept = cache.get(_instance_key(scope, study_uid, series_uid, sop_uid))
+        if kept is not None:
+            return [kept]
+    found = _instances_query(scope=scope, study_uid=study_uid, series_uid=series_uid,
+                             sop_uid=sop_uid)
+    if keep:
+        cache.set_many({_instance_key(scope, study_uid, i.series.series_instance_uid,
+                                      i.sop_instance_uid): i for i in found},
+                       timeout=INSTANCE_CACHE_SECONDS)
+    return found
+
+
+def _instance_key(scope: Scope, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """An instance's key in the cache, as it is asked for in ``scope``."""
+    name = "|".join(map(str, (*scope.key, study_uid, series_uid, sop_uid)))
+    return f"viewer:instance:{hashlib.sha256(name.encode()).hexdigest()}"
+
+
+def _instances_query(*, scope: Scope, study_uid: str, series_uid: str | None = None,
+                     sop_uid: str | None = None) -> list[Instance]:
+    """``instances_get`` from the database, in one query on unique keys."""
     study_uid = _uid(study_uid)
     instances = Instance.objects.filter(facility_id=scope.facility_id).select_related(
         "series__study")

@@ -164,7 +164,7 @@ def test_counting_is_atomic_across_threads(settings):
 
 
 def test_guessing_is_refused_while_the_cache_is_unreachable(share_made, settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+    settings.CACHES = {"default": {"BACKEND": "pockethealth.cache.RedisCache",
                                    "LOCATION": "redis://127.0.0.1:1/0"}}
     with pytest.raises(AccessThrottled) as refused:
         share_unlock(code=share_made.code, birth_date=ADA_DOB, address="192.0.2.1", now=T0)

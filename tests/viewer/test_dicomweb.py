@@ -3,6 +3,7 @@ frames and bulk data, for a recipient's session (/view/dicomweb) and a clerk
 (/clerk/dicomweb); nothing outside the visitor's scope, in any form."""
 
 import datetime
+import io
 import re
 from importlib import import_module
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from django.conf import settings
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -21,12 +24,14 @@ import sharing.recipient_views as recipient_views
 import viewer.services as viewer_services
 from dicomgw.models import Instance, Study
 from pockethealth.models import AuditEvent
+from sharing.services import share_revoke
 from tests.conftest import make_staff, sign_in
 from viewer.scopes import CLERK, RECIPIENT, dicomweb_root
 
 from .conftest import (
     ADA,
     archive,
+    ct_slices,
     live_session,
     recipient_cookie,
     stored_bytes,
@@ -252,6 +257,43 @@ def test_an_ended_session_answers_401_and_frames_never_write_the_session(
     assert response.status_code == 401 and response["Cache-Control"] == "no-store"
     # The inbox then says why, as for any ended session.
     assert "without activity" in client.get("/view").content.decode()
+
+
+def test_frames_after_the_metadata_do_not_look_instances_up_again_but_the_share_is(
+        recipient, ada_share, ada_archive, facility, clerk):
+    """A viewer reads a series' metadata, then asks for every frame: the instances it
+    found come from the cache (no query on the archive index), while the share is checked
+    every time, so a revoked share ends at once; an image not found yet is found as soon
+    as it arrives."""
+    ct = ada_archive.ct
+    series = series_of(ct)
+    metadata = recipient.get(f"{VIEW}/studies/{ct.study_instance_uid}/series/"
+                             f"{series.series_instance_uid}/metadata")
+    assert len(metadata.json()) == 3
+    for instance in series.instances.all():
+        url = f"{instance_path(VIEW, instance)}/frames/1"
+        with CaptureQueriesContext(connection) as frame_queries:
+            response = recipient.get(url, HTTP_ACCEPT=OHIF_FRAMES_ACCEPT)
+        assert response.status_code == 200
+        assert multipart(response) == [
+            ("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1",
+             native_frame(instance.file.path, 1))]
+        tables = " ".join(query["sql"] for query in frame_queries.captured_queries)
+        assert "sharing_share" in tables and "dicomgw_instance" not in tables
+
+    [late] = ct_slices(study_uid=ct.study_instance_uid, count=1, who=ADA)
+    late_sop = dcmread(io.BytesIO(late)).SOPInstanceUID
+    late_series = dcmread(io.BytesIO(late)).SeriesInstanceUID
+    late_url = (f"{VIEW}/studies/{ct.study_instance_uid}/series/{late_series}/instances/"
+                f"{late_sop}/frames/1")
+    assert recipient.get(late_url, HTTP_ACCEPT=OHIF_FRAMES_ACCEPT).status_code == 404
+    archive(facility, [late])
+    assert recipient.get(late_url, HTTP_ACCEPT=OHIF_FRAMES_ACCEPT).status_code == 200
+
+    share_revoke(share=ada_share.share, by=clerk)
+    for address in (url, late_url):
+        response = recipient.get(address, HTTP_ACCEPT=OHIF_FRAMES_ACCEPT)
+        assert response.status_code == 401 and b"LOVELACE" not in response.content
 
 
 # --- The clerk's scope --------------------------------------------------------------------
