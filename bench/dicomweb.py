@@ -19,6 +19,7 @@ Debian's ``orthanc-dicomweb`` plugin, stores the same files. Then, for each serv
 The last line printed is one JSON object: frames per second, ours beside Orthanc's."""
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -37,7 +38,12 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))
 
-from bench.upload import start_profilers, stop_profilers  # noqa: E402
+from bench.upload import (  # noqa: E402
+    our_processes,
+    start_profilers,
+    stop_profilers,
+    timed_cpu,
+)
 from bench.view import (  # noqa: E402
     Gunicorn,
     create_postgres_database,
@@ -271,16 +277,21 @@ def main() -> None:
             paths = [f"{root}{series_path}/instances/{sop}/frames/1" for sop in sops]
             frame_headers = {**headers, "Accept": frames_accept}
             frames_run(port, paths[:20], frame_headers, args.connections)  # warm-up
-            profilers = (start_profilers(server, args.profile)
-                         if args.profile and key == "ours" else [])
-            runs = [frames_run(port, paths, frame_headers, args.connections)]
-            stop_profilers(profilers)
-            runs += [frames_run(port, paths, frame_headers, args.connections)
-                     for _ in range(args.rounds - 1)]
-            seconds = statistics.median(s for s, _bytes in runs)
+            processes = ((lambda: our_processes(server)) if key == "ours"
+                         else (lambda: {"orthanc": [orthanc.process.pid]}))
+            runs = []
+            for number in range(args.rounds):
+                profilers = (start_profilers(server, args.profile)
+                             if args.profile and key == "ours" and number == 0 else [])
+                runs.append(timed_cpu(processes, functools.partial(
+                    frames_run, port, paths, frame_headers, args.connections)))
+                stop_profilers(profilers)
+            seconds = statistics.median(s for (s, _bytes), _cpu in runs)
             results[key] = {"metadata_first_s": first, "metadata_again_s": again,
                             "frames_per_s": len(paths) / seconds,
-                            "mb_per_s": runs[0][1] / seconds / 1e6}
+                            "mb_per_s": runs[0][0][1] / seconds / 1e6,
+                            "cpu_ms_per_frame": statistics.median(
+                                1000 * sum(cpu.values()) / len(paths) for _run, cpu in runs)}
             print(f"{key}: metadata {first:.2f} s, then {again * 1000:.0f} ms; frames "
                   f"{results[key]['frames_per_s']:.0f}/s", flush=True)
     finally:
@@ -297,18 +308,19 @@ def main() -> None:
           f"connections; medians of {args.rounds}; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'server':<34} {'metadata 1st s':>14} {'again ms':>9} {'frames/s':>9} "
-          f"{'MB/s':>7}")
+          f"{'MB/s':>7} {'CPU ms/frame':>13}")
     for key, name in (("ours", "ours (/view/dicomweb)"), ("peer", PEER_NAME)):
         r = results[key]
         print(f"{name:<34} {r['metadata_first_s']:>14.2f} {r['metadata_again_s'] * 1000:>9.0f} "
-              f"{r['frames_per_s']:>9.0f} {r['mb_per_s']:>7.1f}")
+              f"{r['frames_per_s']:>9.0f} {r['mb_per_s']:>7.1f} {r['cpu_ms_per_frame']:>13.2f}")
     ours, peer = results["ours"]["frames_per_s"], results["peer"]["frames_per_s"]
     print(json.dumps({
         "bench": "dicomweb", "unit": "frames/s", "ours": round(ours, 1),
         "peer": round(peer, 1), "peer_name": PEER_NAME, "ratio": round(ours / peer, 3),
         "metadata_first_s": {k: round(v["metadata_first_s"], 3) for k, v in results.items()},
         "metadata_again_ms": {k: round(v["metadata_again_s"] * 1000, 1)
-                              for k, v in results.items()}}))
+                              for k, v in results.items()},
+        "cpu_ms_per_frame": {k: round(v["cpu_ms_per_frame"], 2) for k, v in results.items()}}))
 
 
 if __name__ == "__main__":

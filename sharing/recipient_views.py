@@ -18,6 +18,7 @@ from functools import wraps
 
 from django import forms
 from django.conf import settings
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -88,8 +89,15 @@ def _end_session(session, *, notice: str) -> None:
     session.set_expiry(NOTICE_SECONDS)
 
 
-def _session_share(request: HttpRequest, now: datetime.datetime) -> Share | None:
-    """The share the session was opened for, while the session and the share last."""
+# What deciding whether a session's share still lasts reads of it.
+SHARE_CHECK_FIELDS = ("id", "facility_id", "patient_id", "code_hash", "revoked_at",
+                      "expires_at")
+
+
+def _session_share(request: HttpRequest, now: datetime.datetime, *,
+                   shares: QuerySet | None = None) -> Share | None:
+    """The share the session was opened for, while the session and the share last; read
+    from ``shares`` (by default with its facility, as pages show it)."""
     session = request.recipient_session
     share_id = session.get(SHARE)
     if not share_id:
@@ -98,7 +106,8 @@ def _session_share(request: HttpRequest, now: datetime.datetime) -> Share | None
     share = None
     if ended is None:
         try:
-            share = Share.objects.select_related("facility").get(pk=share_id)
+            share = (Share.objects.select_related("facility") if shares is None
+                     else shares).get(pk=share_id)
         except Share.DoesNotExist:
             share = None
         if share is None or session.get(BINDING) != share_session_binding(share):

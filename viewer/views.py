@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pockethealth.auth import clerk_required
 from pockethealth.services import client_address
 from sharing import recipient_views
+from sharing.models import Share
 from sharing.recipient_views import recipient_session
 
 from .scopes import dicomweb_root
@@ -80,7 +81,10 @@ def dicomweb_view(view):
 
     @recipient_session
     def as_recipient(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        share = recipient_views._session_share(request, recipient_views._now())
+        # Asked with every frame: only what deciding needs is read of the share.
+        share = recipient_views._session_share(
+            request, recipient_views._now(),
+            shares=Share.objects.only(*recipient_views.SHARE_CHECK_FIELDS))
         if share is None:
             return _error(401, _("Your session has ended. Open the share at /view again."))
         scope = scope_for_share(share=share, root=_root(request, RECIPIENT),
