@@ -419,8 +419,12 @@ UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", INGEST_MAX_FILE_BYTES)
 # them all), up to this many files and UPLOAD_BATCH_BYTES.
 UPLOAD_BATCH_FILES = env_int("UPLOAD_BATCH_FILES", 100)
 UPLOAD_BATCH_BYTES = env_int("UPLOAD_BATCH_BYTES", 8 * 1024**2)
-# Files the browser sends at once, each in its own request.
+# Requests the browser has in flight at once.
 UPLOAD_PARALLEL = env_int("UPLOAD_PARALLEL", 4)
+# A request of the browser's that neither sends nor receives a byte for this long is
+# given up and made again (a connection can die without closing: a router asleep, a
+# network changed): what arrived whole is kept, the rest sent again.
+UPLOAD_STALL_SECONDS = env_int("UPLOAD_STALL_SECONDS", 90)
 # Receiving stops (the browser waits and retries) while less than this is free.
 UPLOAD_MIN_FREE_BYTES = env_int("UPLOAD_MIN_FREE_BYTES", 512 * 1024**2)
 # --- end of the upload portal ------------------------------------------------------------

@@ -365,6 +365,7 @@ def upload_files(request: HttpRequest, record_request: RecordRequest,
             "parallel": settings.UPLOAD_PARALLEL, "batch": ANNOUNCE_BATCH,
             "headBytes": HEAD_BYTES, "maxFiles": settings.UPLOAD_MAX_FILES,
             "maxFileBytes": settings.UPLOAD_MAX_FILE_BYTES,
+            "stallSeconds": settings.UPLOAD_STALL_SECONDS,
         }))
 
 

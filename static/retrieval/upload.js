@@ -3,7 +3,10 @@
 // server does not have yet, several to a request and several requests at once (a large
 // file goes alone), with progress, automatic
 // retries, and recovery after a dropped connection: before sending again, the browser
-// asks the server which files it has, so nothing already received is sent twice.
+// asks the server which files it has, so nothing already received is sent twice. A
+// request that goes quiet (no bytes sent and no answer for config.stallSeconds: a
+// connection that died without closing, as behind a sleeping router) is given up and
+// treated as a dropped connection.
 (function () {
   "use strict";
 
@@ -193,7 +196,8 @@
     });
   }
 
-  // A JSON POST that waits out dropped connections and server restarts.
+  // A JSON POST that waits out dropped connections, server restarts and connections
+  // that go quiet.
   async function postJson(url, body) {
     for (let attempt = 0; ; attempt += 1) {
       let response;
@@ -201,6 +205,7 @@
         response = await fetch(url, {
           method: "POST", body: JSON.stringify(body), credentials: "same-origin",
           headers: { "Content-Type": "application/json", "Accept": "application/json", "X-CSRFToken": csrf },
+          signal: AbortSignal.timeout(config.stallSeconds * 1000),
         });
       } catch (networkError) {
         state.offline = true;
@@ -338,7 +343,15 @@
     xhr.setRequestHeader("X-CSRFToken", csrf);
     xhr.setRequestHeader("Accept", "application/json");
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    // Bytes going out, or the answer coming, are signs of life; none for too long and
+    // the request is given up.
+    let lastSign = Date.now();
+    const watchdog = setInterval(function () {
+      if (Date.now() - lastSign > config.stallSeconds * 1000) xhr.abort();
+    }, 1000);
+    xhr.upload.onload = xhr.onprogress = function () { lastSign = Date.now(); };
     xhr.upload.onprogress = function (event) {
+      lastSign = Date.now();
       let left = Math.max(0, event.loaded - manifest.length);
       batch.forEach(function (item) {
         item.loaded = Math.min(item.size, left);
@@ -348,6 +361,7 @@
       row.querySelector(".progress-bar").style.width = (total ? Math.min(100, 100 * sent / total) : 100) + "%";
       render();
     };
+    xhr.onloadend = function () { clearInterval(watchdog); };
     xhr.onload = function () {
       let data = {};
       try { data = JSON.parse(xhr.responseText); } catch (e) { data = {}; }
@@ -369,7 +383,7 @@
       }
       pump();
     };
-    xhr.onerror = xhr.ontimeout = function () {
+    xhr.onerror = xhr.onabort = function () {
       finished(batch, row);
       requeue(batch);
       recover();

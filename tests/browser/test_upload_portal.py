@@ -272,7 +272,7 @@ class WebServer:
     """``manage.py runserver`` on the test database, started and stopped at will on one
     port; its log is kept across restarts."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, **env: str):
         db = connection.settings_dict
         self.port = free_port()
         self.log_path = tmp_path / "web.log"
@@ -283,6 +283,7 @@ class WebServer:
             "SPOOL_DIR": str(settings.SPOOL_DIR),
             "DATABASE_CONN_MAX_AGE": "60",
             "PYTHONUNBUFFERED": "1",
+            **env,
         }
         self.process = None
 
@@ -314,8 +315,16 @@ class WebServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def freeze(self) -> None:
+        """Still connected, never answering: as when a connection dies without closing."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.thaw()
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
@@ -326,6 +335,15 @@ class WebServer:
 @pytest.fixture
 def web_server(transactional_db, tmp_path):
     server = WebServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def impatient_web_server(transactional_db, tmp_path):
+    """A server whose upload page gives a request up after 4 s without a sign of life."""
+    server = WebServer(tmp_path, UPLOAD_STALL_SECONDS="4")
     server.start()
     yield server
     server.stop()
@@ -375,6 +393,43 @@ def test_an_upload_resumes_after_the_server_goes_down_without_sending_a_file_twi
     assert 1 <= len(accepted) < 67 - before
     assert "sent again after it was settled" not in log
     assert log.count("Starting development server") == 2
+
+
+def test_an_upload_whose_server_stops_answering_carries_on_once_it_answers_again(
+        made, browser, impatient_web_server, cd_dir, artifacts_dir):
+    """The requests in flight neither fail nor finish while the server is frozen: the
+    page gives them up, says the connection is lost, and finishes the disc when the
+    server answers again."""
+    server = impatient_web_server
+    context = browser.new_context(base_url=server.url, viewport=DESKTOP)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(f"/upload/{made.request.facility.short_name}")
+        enter_pin_and_begin(page, made)
+        page.locator("[data-folder-input]").set_input_files(cd_dir)
+        slow_uploads(page, 1_000_000)
+        page.get_by_role("button", name="Upload", exact=True).click()
+
+        deadline = time.monotonic() + 60
+        while settled_images(made) < 10:
+            assert time.monotonic() < deadline, "the upload did not get going"
+            time.sleep(0.05)
+        server.freeze()
+        before = settled_images(made)
+        assert before < 67
+        offline = page.locator("[data-offline]")
+        expect(offline).to_be_visible(timeout=20_000)
+        expect(offline).to_contain_text("Connection lost.")
+        time.sleep(2)
+        server.thaw()
+
+        page.wait_for_url("**/review", timeout=120_000)
+        expect(page.locator(".u-stats dd").first).to_have_text("67")
+        expect(page.locator(".u-missing")).to_have_count(0)
+    finally:
+        context.close()
+    assert_disc_archived(made, cd_dir)
 
 
 def test_a_facility_with_no_records_declines_the_request(made, page, artifacts_dir):
