@@ -334,7 +334,9 @@ class WebServer:
 
 @pytest.fixture
 def web_server(transactional_db, tmp_path):
-    server = WebServer(tmp_path)
+    """A server whose upload page sends four files to a request, so that a disc is a
+    score of requests, several in flight whenever the server goes down."""
+    server = WebServer(tmp_path, UPLOAD_BATCH_FILES="4")
     server.start()
     yield server
     server.stop()
