@@ -9,8 +9,10 @@ Debian's ``orthanc-dicomweb`` plugin, stores the same files. Then, for each serv
 
 - the series metadata, first read (our cache emptied; Orthanc's first request after
   its start) and again (the median of ROUNDS);
-- all frames, requested one per request as OHIF does, over CONNECTIONS keep-alive
-  connections (a browser's six by default): frames per second and MB/s.
+- all frames, requested one per request as OHIF does (after the series metadata, as
+  OHIF reads it), over CONNECTIONS keep-alive connections (a browser's six by
+  default): frames per second, MB/s, and the servers' CPU time per frame (our gunicorn
+  workers and their PostgreSQL backends; Orthanc's process).
 
     .venv/bin/python bench/dicomweb.py [--slices 500] [--connections 6] [--rounds 5]
                                        [--workers 2] [--postgres URL] [--cache URL]
