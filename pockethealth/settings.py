@@ -67,7 +67,8 @@ SUPPORT_EMAIL = env_str("SUPPORT_EMAIL", "support@imagelink.example")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
-# X-Forwarded-For is believed only when the request comes from one of these addresses.
+# X-Forwarded-For and X-Forwarded-Proto are believed only when the request comes from
+# one of these addresses.
 TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", "")
 
 INSTALLED_APPS = [
@@ -90,6 +91,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "pockethealth.middleware.TrustedProxyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "retrieval.middleware.UploadHostMiddleware",

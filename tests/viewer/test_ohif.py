@@ -167,6 +167,24 @@ def test_a_clerk_opens_a_study_of_the_facility_only(installed, client, clerk, ot
     assert other.get(app_url).status_code == 404
 
 
+def test_behind_a_proxy_that_ends_tls_the_viewer_reads_dicomweb_over_https(
+        installed, client, clerk, ada_archive, settings):
+    """An https page must read an https DICOMweb root (a browser blocks http from it):
+    the proxy's X-Forwarded-Proto is believed from TRUSTED_PROXIES, from no one else."""
+    settings.TRUSTED_PROXIES = ["10.0.0.1"]
+    sign_in(client, clerk)
+    url = f"/clerk/viewer/studies/{ada_archive.ct.pk}/"
+    roots = {}
+    for peer in ("10.0.0.1", "198.51.100.7"):
+        page = client.get(url, REMOTE_ADDR=peer, HTTP_HOST="testserver",
+                          HTTP_X_FORWARDED_PROTO="https")
+        assert page.status_code == 200
+        [source] = config_of(page.content.decode())["dataSources"]
+        roots[peer] = source["configuration"]["qidoRoot"]
+    assert roots == {"10.0.0.1": "https://testserver/clerk/dicomweb",
+                     "198.51.100.7": "http://testserver/clerk/dicomweb"}
+
+
 def test_a_missing_viewer_gets_a_plain_answer(settings, tmp_path, recipient, ada_share,
                                               ada_archive):
     settings.OHIF_DIR = tmp_path / "nothing-here"
