@@ -15,11 +15,12 @@ import datetime
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -421,20 +422,38 @@ def _finish(job: RetrieveJob | PushJob, *, status: str, error: str = "", **field
 
 
 def jobs_recover_stale(*, older_than: datetime.timedelta | None = None) -> list[tuple[str, int]]:
-    """Find jobs whose worker is gone and queue them again (the caller sends the tasks).
+    """Retrieves and pushes whose worker is gone, queued again (``stale_jobs_requeue``):
+    ("retrieve" | "push", id) pairs for the caller to send the tasks of."""
+    return stale_jobs_requeue((("retrieve", RetrieveJob), ("push", PushJob)),
+                              older_than=older_than, given_up=_stale_given_up_audit)
+
+
+def _stale_given_up_audit(kind: str, job) -> None:
+    audit_record(action=f"pacs.{kind}.finish", actor_type=AuditEvent.ActorType.SYSTEM,
+                 facility=job.facility, obj=job, outcome=AuditEvent.Outcome.FAILURE,
+                 detail={"node": job.node_id, "status": "failed", "reason": "stale",
+                         "attempts": job.attempts})
+
+
+def stale_jobs_requeue(kinds: Iterable[tuple[str, type[models.Model]]], *,
+                       older_than: datetime.timedelta | None = None,
+                       given_up: Callable[[str, models.Model], None]) -> list[tuple[str, int]]:
+    """Find jobs of ``kinds`` ((kind, model) pairs: a model with ``status``,
+    ``updated_at``, ``attempts``, ``finished_at`` and ``error``) whose worker is gone, and
+    queue them again (the caller sends the tasks).
 
     A RUNNING row that has not moved for ``older_than`` lost its worker (killed, or the
     machine restarted); a QUEUED row that old lost its task message (the broker was
     down when it was sent). Both go back to QUEUED with a fresh ``updated_at`` and are
-    returned as ("retrieve" | "push", id). A job that has used up its attempts is
-    FAILED instead. The run's own claim decides who works on a job, so queueing one
-    twice does no harm."""
+    returned as (kind, id). A job that has used up its attempts is FAILED instead, and
+    ``given_up(kind, job)`` records it. The run's own claim decides who works on a job,
+    so queueing one twice does no harm."""
     running_cutoff = timezone.now() - (older_than or stale_after())
     # A queued job may be waiting out its backoff: give it that long on top.
     queued_cutoff = running_cutoff - datetime.timedelta(
         seconds=_setting("PACS_RETRY_BACKOFF_MAX_SECONDS", 600))
     recovered = []
-    for kind, model in (("retrieve", RetrieveJob), ("push", PushJob)):
+    for kind, model in kinds:
         stale = model.objects.filter(
             Q(status=model.Status.RUNNING, updated_at__lt=running_cutoff)
             | Q(status=model.Status.QUEUED, updated_at__lt=queued_cutoff))
@@ -449,12 +468,7 @@ def jobs_recover_stale(*, older_than: datetime.timedelta | None = None) -> list[
                             "given up. Press Retry to try again.") % {"count": job.attempts},
                 ):
                     job.refresh_from_db()
-                    audit_record(action=f"pacs.{kind}.finish",
-                                 actor_type=AuditEvent.ActorType.SYSTEM,
-                                 facility=job.facility, obj=job,
-                                 outcome=AuditEvent.Outcome.FAILURE,
-                                 detail={"node": job.node_id, "status": "failed",
-                                         "reason": "stale", "attempts": job.attempts})
+                    given_up(kind, job)
                 continue
             if still_stale.update(status=model.Status.QUEUED, updated_at=now):
                 log.info("%s %s was %s and stale; queued again", model.__name__, job.pk,

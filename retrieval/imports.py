@@ -34,7 +34,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from dicomgw.models import Instance, PacsNode, Study
-from dicomgw.retrieve import StoreRun, max_attempts, stale_after
+from dicomgw.retrieve import StoreRun, stale_jobs_requeue
 from dicomgw.services import quiet_pydicom_reading
 from pockethealth.models import AuditEvent, StaffUser
 from pockethealth.services import audit_record
@@ -492,28 +492,16 @@ def _encodable(ds: "Dataset", value: str) -> bool:
 
 def request_jobs_recover_stale(*, older_than: datetime.timedelta | None = None
                                ) -> list[tuple[str, int]]:
-    """Imports and answers whose worker is gone, queued again (the caller sends the
-    tasks): RUNNING rows that have not moved for ``older_than``, and QUEUED rows whose
-    task message was lost. One that has used up its attempts is FAILED instead.
-    Returns ("import" | "fulfil", id) pairs."""
-    running_cutoff = timezone.now() - (older_than or stale_after())
-    queued_cutoff = running_cutoff - datetime.timedelta(
-        seconds=getattr(settings, "PACS_RETRY_BACKOFF_MAX_SECONDS", 600))
-    recovered = []
-    for kind, model in (("import", RequestImport), ("fulfil", RequestFulfilment)):
-        stale = model.objects.filter(
-            Q(status=model.Status.RUNNING, updated_at__lt=running_cutoff)
-            | Q(status=model.Status.QUEUED, updated_at__lt=queued_cutoff))
-        for job in stale:
-            now = timezone.now()
-            still_stale = model.objects.filter(pk=job.pk, status=job.status,
-                                               updated_at=job.updated_at)
-            if job.status == model.Status.RUNNING and job.attempts >= max_attempts():
-                still_stale.update(
-                    status=model.Status.FAILED, finished_at=now, updated_at=now,
-                    error=_("The transfer stopped %(count)s times without finishing; it was "
-                            "given up. Press Retry to try again.") % {"count": job.attempts})
-                continue
-            if still_stale.update(status=model.Status.QUEUED, updated_at=now):
-                recovered.append((kind, job.pk))
-    return recovered
+    """Imports and answers whose worker is gone, queued again (``stale_jobs_requeue``):
+    ("import" | "fulfil", id) pairs for the caller to send the tasks of."""
+    return stale_jobs_requeue((("import", RequestImport), ("fulfil", RequestFulfilment)),
+                              older_than=older_than, given_up=_stale_given_up_audit)
+
+
+def _stale_given_up_audit(kind: str, job: RequestImport | RequestFulfilment) -> None:
+    record_request = job.request_study.request if kind == "import" else job.request
+    audit_record(action=f"request.{kind}.finish", actor_type=AuditEvent.ActorType.SYSTEM,
+                 facility=job.facility if kind == "fulfil" else record_request.facility,
+                 obj=record_request, outcome=AuditEvent.Outcome.FAILURE,
+                 detail={kind: job.pk, "status": "failed", "reason": "stale",
+                         "attempts": job.attempts})

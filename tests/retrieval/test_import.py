@@ -485,6 +485,10 @@ def test_a_stale_import_is_queued_again_and_a_worn_out_one_failed(
     job.refresh_from_db()
     assert job.status == RequestImport.Status.FAILED
     assert "given up" in job.error
+    [given_up] = AuditEvent.objects.filter(action="request.import.finish")
+    assert (given_up.outcome, given_up.object_id) == ("failure", str(record_request.pk))
+    assert given_up.detail == {"import": job.pk, "status": "failed", "reason": "stale",
+                               "attempts": 1}
     # A finished job is left alone by a late or duplicated task message.
     assert request_import_run(import_id=job.pk) is None
     job.refresh_from_db()
