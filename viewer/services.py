@@ -63,7 +63,7 @@ METADATA_FORMAT = 1
 OPEN_AUDIT_SECONDS = 30 * 60
 # An instance found in a scope is found again from the cache for this long (a viewer
 # reads a series' metadata, then asks for each of its frames).
-INSTANCE_CACHE_SECONDS = 15 * 60
+INSTANCE_CACHE_SECONDS = 5 * 60
 
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
