@@ -3,7 +3,9 @@ to the PACS, searches Orthanc, ticks a study and retrieves it through a real Cel
 worker into our storage SCP, watching the progress until it is complete."""
 
 import datetime
+import os
 import re
+import signal
 
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from playwright.sync_api import expect
@@ -59,14 +61,20 @@ def test_a_clerk_searches_the_pacs_retrieves_a_study_and_watches_it_arrive(
     page.screenshot(path=artifacts_dir / "pacs-search.png", full_page=True)
 
     row.get_by_role("checkbox").check()
-    page.get_by_role("button", name="Retrieve selected studies").click()
-    page.wait_for_url(re.compile(r".*/clerk/pacs/retrieves/\d+/$"))
-    job = RetrieveJob.objects.get()
-    progress = page.locator("#job-progress")
-    expect(progress.locator(".status")).to_have_text("In progress", timeout=30_000)
+    # The study arrives in well under a second, between two of the page's looks: the
+    # PACS is held still (SIGSTOP) until the page has shown the retrieve in progress.
+    os.kill(orthanc.process.pid, signal.SIGSTOP)
+    try:
+        page.get_by_role("button", name="Retrieve selected studies").click()
+        page.wait_for_url(re.compile(r".*/clerk/pacs/retrieves/\d+/$"))
+        job = RetrieveJob.objects.get()
+        progress = page.locator("#job-progress")
+        expect(progress.locator(".status")).to_have_text("In progress", timeout=30_000)
+        page.screenshot(path=artifacts_dir / "pacs-retrieve-progress.png", full_page=True)
+    finally:
+        os.kill(orthanc.process.pid, signal.SIGCONT)
     expect(progress.get_by_role("progressbar")).not_to_have_attribute(
         "aria-valuenow", "0", timeout=30_000)
-    page.screenshot(path=artifacts_dir / "pacs-retrieve-progress.png", full_page=True)
 
     expect(progress.locator(".status")).to_have_text("Complete", timeout=120_000)
     expect(progress).to_contain_text(f"The study is in the archive: all {SLICES} images.")
