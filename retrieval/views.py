@@ -3,7 +3,7 @@ making one, its page (where it stands, its Request Page, faxes, history), the pa
 signature on this screen, and the actions on a request."""
 
 from django.contrib import messages
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from dicomgw.models import Patient
 from pockethealth.auth import clerk_required
 from pockethealth.lists import audit_history, searched_list
+from pockethealth.pages import act_and_return, stored_page_response
 from pockethealth.services import audit_record
 from sharing.services import fax_gateway_domain
 
@@ -176,27 +177,15 @@ def request_page_file(request: HttpRequest, request_id: int) -> HttpResponse:
     record_request = get_request_for_user(request.user, request_id)
     if not record_request.request_page:
         raise Http404
-    download = request.GET.get("download") == "1"
-    audit_record(request=request, action="request.page.download" if download
-                 else "request.page.open", obj=record_request,
-                 patient_ref=record_request.patient_id or "")
-    response = FileResponse(record_request.request_page.open("rb"),
-                            content_type="application/pdf", as_attachment=download,
-                            filename=f"request-page-{record_request.pk}.pdf")
-    response["Cache-Control"] = "no-store"
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
+    return stored_page_response(request, record_request.request_page, action="request.page",
+                                obj=record_request, patient_ref=record_request.patient_id or "",
+                                filename=f"request-page-{record_request.pk}.pdf")
 
 
 def _run(request: HttpRequest, record_request: RecordRequest, action,
          success: str) -> HttpResponse:
-    try:
-        action()
-    except RetrievalError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, success)
-    return redirect("request-detail", record_request.pk)
+    return act_and_return(request, action, success=success, refusal=RetrievalError,
+                          page="request-detail", pk=record_request.pk)
 
 
 @require_POST

@@ -3,7 +3,7 @@
 
 from django.conf import settings
 from django.contrib import messages
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from dicomgw.models import Patient
 from pockethealth.auth import clerk_required
 from pockethealth.lists import audit_history, searched_list
+from pockethealth.pages import act_and_return, stored_page_response
 from pockethealth.services import audit_record
 
 from .forms import ShareCreateForm, ShareSearchForm, picks_from
@@ -173,25 +174,14 @@ def share_access_page(request: HttpRequest, share_id: int) -> HttpResponse:
     share = get_share_for_user(request.user, share_id)
     if share.is_revoked or not share.access_page:
         raise Http404
-    download = request.GET.get("download") == "1"
-    audit_record(request=request, action="share.page.download" if download else
-                 "share.page.open", obj=share, patient_ref=share.patient_id)
-    response = FileResponse(share.access_page.open("rb"), content_type="application/pdf",
-                            as_attachment=download,
-                            filename=f"access-page-{share.pk}.pdf")
-    response["Cache-Control"] = "no-store"
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
+    return stored_page_response(request, share.access_page, action="share.page", obj=share,
+                                patient_ref=share.patient_id,
+                                filename=f"access-page-{share.pk}.pdf")
 
 
 def _run(request: HttpRequest, share: Share, action, success: str) -> HttpResponse:
-    try:
-        action()
-    except SharingError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, success)
-    return redirect("share-detail", share.pk)
+    return act_and_return(request, action, success=success, refusal=SharingError,
+                          page="share-detail", pk=share.pk)
 
 
 @require_POST
