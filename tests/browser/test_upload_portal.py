@@ -356,22 +356,33 @@ def settled_images(made) -> int:
                                        outcome=UploadedFile.Outcome.STORED).count()
 
 
+def upload_until_stored(page, made, cd_dir, *, bytes_per_second: int, stored: int) -> None:
+    """Start uploading the disc at ``bytes_per_second`` and wait until at least
+    ``stored`` of its images are."""
+    page.goto(f"/upload/{made.request.facility.short_name}")
+    enter_pin_and_begin(page, made)
+    page.locator("[data-folder-input]").set_input_files(cd_dir)
+    slow_uploads(page, bytes_per_second)
+    page.get_by_role("button", name="Upload", exact=True).click()
+    deadline = time.monotonic() + 60
+    while settled_images(made) < stored:
+        assert time.monotonic() < deadline, "the upload did not get going"
+        time.sleep(0.05)
+
+
+def expect_whole_disc_reviewed(page, *, timeout: float) -> None:
+    page.wait_for_url("**/review", timeout=timeout)
+    expect(page.locator(".u-stats dd").first).to_have_text("67")
+    expect(page.locator(".u-missing")).to_have_count(0)
+
+
 def test_an_upload_resumes_after_the_server_goes_down_without_sending_a_file_twice(
         made, browser, web_server, cd_dir, artifacts_dir):
     context = browser.new_context(base_url=web_server.url, viewport=DESKTOP)
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"/upload/{made.request.facility.short_name}")
-        enter_pin_and_begin(page, made)
-        page.locator("[data-folder-input]").set_input_files(cd_dir)
-        slow_uploads(page, 3_000_000)
-        page.get_by_role("button", name="Upload", exact=True).click()
-
-        deadline = time.monotonic() + 60
-        while settled_images(made) < 20:
-            assert time.monotonic() < deadline, "the upload did not get going"
-            time.sleep(0.05)
+        upload_until_stored(page, made, cd_dir, bytes_per_second=3_000_000, stored=20)
         web_server.kill()
         before = settled_images(made)
         assert before < 67
@@ -382,9 +393,7 @@ def test_an_upload_resumes_after_the_server_goes_down_without_sending_a_file_twi
         time.sleep(3)
         web_server.start()
 
-        page.wait_for_url("**/review", timeout=180_000)
-        expect(page.locator(".u-stats dd").first).to_have_text("67")
-        expect(page.locator(".u-missing")).to_have_count(0)
+        expect_whole_disc_reviewed(page, timeout=180_000)
     finally:
         context.close()
 
@@ -407,16 +416,7 @@ def test_an_upload_whose_server_stops_answering_carries_on_once_it_answers_again
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"/upload/{made.request.facility.short_name}")
-        enter_pin_and_begin(page, made)
-        page.locator("[data-folder-input]").set_input_files(cd_dir)
-        slow_uploads(page, 1_000_000)
-        page.get_by_role("button", name="Upload", exact=True).click()
-
-        deadline = time.monotonic() + 60
-        while settled_images(made) < 10:
-            assert time.monotonic() < deadline, "the upload did not get going"
-            time.sleep(0.05)
+        upload_until_stored(page, made, cd_dir, bytes_per_second=1_000_000, stored=10)
         server.freeze()
         before = settled_images(made)
         assert before < 67
@@ -426,9 +426,7 @@ def test_an_upload_whose_server_stops_answering_carries_on_once_it_answers_again
         time.sleep(2)
         server.thaw()
 
-        page.wait_for_url("**/review", timeout=120_000)
-        expect(page.locator(".u-stats dd").first).to_have_text("67")
-        expect(page.locator(".u-missing")).to_have_count(0)
+        expect_whole_disc_reviewed(page, timeout=120_000)
     finally:
         context.close()
     assert_disc_archived(made, cd_dir)
