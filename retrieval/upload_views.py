@@ -31,6 +31,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from dicomgw.models import Patient
+from pockethealth.body import body_rest
 from pockethealth.services import client_address
 from pockethealth.sessions import separate_session
 
@@ -487,25 +488,26 @@ def _files_take(request: HttpRequest, facility: str, files: list[SentFile]
     now = _now()
     session = request.upload_session
     request_id = session.get(REQUEST)
+    stream = body_rest(request, sum(f.size for f in files))
     if request_id and not _session_ended(session, now):
         try:
             answers = session_files_receive(
                 request_id=request_id, binding=session.get(BINDING, ""), facility=facility,
-                files=files, stream=request, now=now)
+                files=files, stream=stream, now=now)
         except RetrievalError as refused:
             return _file_error(refused)
         if answers is not None:
             _session_seen(session, now)
             return answers
-    return _files_take_checked(request, facility, files=files)
+    return _files_take_checked(request, facility, files=files, stream=stream)
 
 
 @uploader_required
 def _files_take_checked(request: HttpRequest, record_request: RecordRequest,
-                        now: datetime.datetime, *, files: list[SentFile]
+                        now: datetime.datetime, *, files: list[SentFile], stream
                         ) -> list[FileAnswer] | HttpResponse:
     try:
-        return files_receive(record_request=record_request, files=files, stream=request,
+        return files_receive(record_request=record_request, files=files, stream=stream,
                              now=now)
     except RetrievalError as refused:
         return _file_error(refused)
