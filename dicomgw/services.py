@@ -720,9 +720,23 @@ class _Values:
         if element is None:
             return None
         if isinstance(element, self.raw_type):
-            if element.value is None or element.VR == "UN":
+            value, vr = element.value, element.VR or _dictionary_vr(tag)
+            if value is None or vr == "UN":
                 return self.ds[tag].value
-            return self.convert(element.VR or _dictionary_vr(tag), element, self.encodings)
+            if vr in TEXT_VRS and value.isascii() and b"\\" not in value \
+                    and b"\x1b" not in value:
+                # One value in plain ASCII, which every character set the standard
+                # names reads alike (no ISO 2022 escape): the text as pydicom would
+                # give it, less the padding its readers here remove anyway. An IS
+                # that is not a plain integer goes pydicom's way.
+                text = value.decode("ascii")
+                if vr != "IS":
+                    return text
+                try:
+                    return int(text)
+                except ValueError:
+                    pass
+            return self.convert(vr, element, self.encodings)
         return element.value
 
 
@@ -829,7 +843,12 @@ def _person_name(value) -> str:
 def _fit(model: type[models.Model], field_name: str, value: str) -> str:
     """``value`` cut to the column's length: an over-long value is non-conformant but
     not a reason to lose the image."""
-    return value[: model._meta.get_field(field_name).max_length]
+    return value[: _max_length(model, field_name)]
+
+
+@functools.cache
+def _max_length(model: type[models.Model], field_name: str) -> int:
+    return model._meta.get_field(field_name).max_length
 
 
 def _positive_int(value) -> int | None:
