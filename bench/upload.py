@@ -25,6 +25,7 @@ import base64
 import http.client
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -86,22 +87,24 @@ def generate_folder(out_dir: Path, *, files: int) -> list[Path]:
 # --- Feeding a server -----------------------------------------------------------------
 
 
-def parallel(items: list, clients: int, port: int, send) -> float:
+def parallel(items: list | queue.Queue, clients: int, port: int, send) -> float:
     """``send(connection, item)`` for every item (a file's path, or a list of them),
     from ``clients`` threads with one kept-alive connection each; returns the seconds
-    from start to the last answer."""
-    queue = list(reversed(items))
-    lock = threading.Lock()
+    from start to the last answer. ``items`` is a list, or a queue filled meanwhile
+    and ended by one None per client."""
+    if isinstance(items, list):
+        filled = queue.Queue()
+        for item in [*items, *[None] * clients]:
+            filled.put(item)
+        items = filled
     failures: list[str] = []
 
     def worker():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
-            while True:
-                with lock:
-                    if not queue or failures:
-                        return
-                    item = queue.pop()
+            while (item := items.get()) is not None:
+                if failures:
+                    continue
                 try:
                     send(connection, item)
                 except Exception as exc:  # reported after the run
@@ -166,22 +169,21 @@ class Uploader:
     def relative(self, path: Path) -> str:
         return f"{self.root.name}/{path.relative_to(self.root).as_posix()}"
 
-    def announce(self, paths: list[Path]) -> None:
-        for start in range(0, len(paths), ANNOUNCE_BATCH):
-            batch = paths[start:start + ANNOUNCE_BATCH]
-            files = []
-            for path in batch:
-                with open(path, "rb") as fh:
-                    head = fh.read(HEAD_BYTES)
-                files.append({"path": self.relative(path), "size": path.stat().st_size,
-                              "head": base64.b64encode(head).decode()})
-            body = json.dumps({"files": files, "total_files": len(paths),
-                               "total_bytes": sum(p.stat().st_size for p in paths)})
-            status, _h, data = self.call("POST", f"{self.base}/announce", body,
-                                         self.headers(**{"Content-Type": "application/json"}))
-            answer = json.loads(data)
-            if status != 200 or any(f["outcome"] != "pending" for f in answer["files"]):
-                raise RuntimeError(f"announcement refused: {status} {data[:300]!r}")
+    def announce(self, chunk: list[Path], paths: list[Path]) -> None:
+        """Announce ``chunk``, up to ANNOUNCE_BATCH files of the folder ``paths``."""
+        files = []
+        for path in chunk:
+            with open(path, "rb") as fh:
+                head = fh.read(HEAD_BYTES)
+            files.append({"path": self.relative(path), "size": path.stat().st_size,
+                          "head": base64.b64encode(head).decode()})
+        body = json.dumps({"files": files, "total_files": len(paths),
+                           "total_bytes": sum(p.stat().st_size for p in paths)})
+        status, _h, data = self.call("POST", f"{self.base}/announce", body,
+                                     self.headers(**{"Content-Type": "application/json"}))
+        answer = json.loads(data)
+        if status != 200 or any(f["outcome"] != "pending" for f in answer["files"]):
+            raise RuntimeError(f"announcement refused: {status} {data[:300]!r}")
 
     def send(self, connection, batch: list[Path]) -> None:
         """Files several to a request, as the portal's script sends them."""
@@ -218,10 +220,32 @@ def batches(paths: list[Path]) -> list[list[Path]]:
 def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float:
     facility, pin = make_request()
     uploader = Uploader(port, facility, pin, root)
+    # As the portal's script does: the files of each announcement are sent while the
+    # next one is made.
+    to_send: queue.Queue = queue.Queue()
+    refused: list[Exception] = []
+
+    def announce_all():
+        try:
+            for start in range(0, len(paths), ANNOUNCE_BATCH):
+                chunk = paths[start:start + ANNOUNCE_BATCH]
+                uploader.announce(chunk, paths)
+                for batch in batches(chunk):
+                    to_send.put(batch)
+        except Exception as exc:  # raised after the run
+            refused.append(exc)
+        finally:
+            for _ in range(clients):
+                to_send.put(None)
+
     started = time.perf_counter()
-    uploader.announce(paths)
-    parallel(batches(paths), clients, port, uploader.send)
+    announcer = threading.Thread(target=announce_all)
+    announcer.start()
+    parallel(to_send, clients, port, uploader.send)
+    announcer.join()
     elapsed = time.perf_counter() - started
+    if refused:
+        raise refused[0]
     if archived(facility) != len(paths):
         raise RuntimeError(f"the archive holds {archived(facility)} of {len(paths)} files")
     archive_files_remove(facility)
