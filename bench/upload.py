@@ -372,7 +372,7 @@ def start_profilers(server: Gunicorn, prefix: str) -> list[subprocess.Popen]:
     if not Path(spy).exists():
         sys.exit("--profile needs py-spy (pip install py-spy)")
     workers = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
-    return [subprocess.Popen([spy, "record", "-p", pid, "-r", "250", "-f", "raw",
+    return [subprocess.Popen([spy, "record", "-p", pid, "-r", "250", "-f", "raw", "--gil",
                               "-o", f"{prefix}-{pid}.txt"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for pid in workers.split()]

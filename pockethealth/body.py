@@ -19,11 +19,14 @@ from django.http import HttpRequest
 class SocketBody:
     """The unread part of a request body, ``length`` bytes, served from the bytes
     gunicorn had already received and then from its socket. ``read(n)`` returns up to
-    ``n`` bytes (fewer only at the end of the body or of the connection)."""
+    ``n`` bytes (fewer only at the end of the body or of the connection) as a view of
+    one buffer that the next read overwrites: whoever keeps bytes copies them (making
+    and zeroing a new buffer for every read cost more than receiving into it)."""
 
     def __init__(self, body, sock, length: int, head: bytes):
         self.body, self.sock, self.left = body, sock, length
         self.head, self.at = memoryview(head), 0
+        self.buffer = memoryview(b"")
 
     def read(self, n: int = -1) -> bytes | memoryview:
         if self.left <= 0:
@@ -33,8 +36,9 @@ class SocketBody:
             start, self.at = self.at, min(self.at + n, len(self.head))
             self.left -= self.at - start
             return self.head[start:self.at]
-        buffer = bytearray(n)
-        view, got = memoryview(buffer), 0
+        if len(self.buffer) < n:
+            self.buffer = memoryview(bytearray(n))
+        view, got = self.buffer, 0
         try:
             while got < n:
                 received = self.sock.recv_into(view[got:], n - got)

@@ -413,8 +413,10 @@ class _Body:
 
 class _Pieces:
     """A request body read from the server in large pieces and handed out in the sizes
-    asked for. gunicorn copies what it has read ahead on every read, so reading each
-    file of a batch on its own cost more than checking it."""
+    asked for, as views of the piece: valid until the next read (``body_rest`` reuses
+    its buffer), so whoever keeps them copies them. gunicorn copies what it has read
+    ahead on every read, so reading each file of a batch on its own cost more than
+    checking it."""
 
     PIECE = 1024 * 1024
 
@@ -505,7 +507,7 @@ def session_files_receive(*, request_id: int, binding: str, facility: str,
 
 def _open_rows(paths: list[str]):
     """The rows of ``paths`` in an open upload."""
-    return UploadedFile.objects.select_related("upload").filter(
+    return UploadedFile.objects.filter(
         upload__status=Upload.Status.OPEN, path__in=paths).order_by()
 
 
@@ -528,7 +530,7 @@ def _settle_many(rows: dict[str, UploadedFile], record_request: RecordRequest, *
                 answer = _not_taken(row, path)
                 _drain(body)
             elif index:
-                _receive_dicomdir(row.upload, row, body)
+                _receive_dicomdir(row.upload, row, body, facility=record_request.facility)
             else:
                 number = len(batch)
                 batch.add(fileobj=body, size=sent.size)
@@ -634,7 +636,8 @@ def _outcome_apply(row: UploadedFile, outcome) -> None:
         row.outcome, row.reason = Outcome.INVALID, outcome.reason[:REASON_MAX]
 
 
-def _receive_dicomdir(upload: Upload, row: UploadedFile, body: _Body) -> None:
+def _receive_dicomdir(upload: Upload, row: UploadedFile, body: _Body, *,
+                      facility: Facility) -> None:
     """A disc's index: kept as the list of files it names, never as an image. A file
     named DICOMDIR that is not one goes through ingest like any other."""
     spool_dir = Path(settings.SPOOL_DIR)
@@ -649,7 +652,7 @@ def _receive_dicomdir(upload: Upload, row: UploadedFile, body: _Body) -> None:
         referenced = dicomdir_file_ids(spool.name)
         if referenced is None:
             spool.seek(0)
-            _outcome_apply(row, ingest_file(facility=upload.request.facility,
+            _outcome_apply(row, ingest_file(facility=facility,
                                             fileobj=spool, source=IngestSource.UPLOAD))
             return
     base = posixpath.dirname(row.path)

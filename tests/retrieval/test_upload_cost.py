@@ -14,7 +14,7 @@ from .conftest import request_patient
 from .uploading import CD, DiscFile, Uploader, folder_files
 
 # Per request of files of one series already indexed, however many files it holds: the
-# files' rows (with their upload, request and facility), the archive's look-up, the
+# files' rows, their request (with its facility), the archive's look-up, the
 # series, the savepoint around the index, the instances, two counters, its release;
 # the rows still pending (locked, in a savepoint) and their outcomes.
 QUERIES_PER_REQUEST = 13
