@@ -52,7 +52,6 @@ from bench.view import (  # noqa: E402
 )
 
 HEAD_BYTES = 256
-ANNOUNCE_BATCH = 1000
 SEED = 4242
 
 
@@ -170,7 +169,7 @@ class Uploader:
         return f"{self.root.name}/{path.relative_to(self.root).as_posix()}"
 
     def announce(self, chunk: list[Path], paths: list[Path]) -> None:
-        """Announce ``chunk``, up to ANNOUNCE_BATCH files of the folder ``paths``."""
+        """Announce ``chunk``, some of the files of the folder ``paths``."""
         files = []
         for path in chunk:
             with open(path, "rb") as fh:
@@ -226,9 +225,13 @@ def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float
     refused: list[Exception] = []
 
     def announce_all():
+        from retrieval.upload import ANNOUNCE_BATCH, ANNOUNCE_FIRST
+
         try:
-            for start in range(0, len(paths), ANNOUNCE_BATCH):
-                chunk = paths[start:start + ANNOUNCE_BATCH]
+            start, size = 0, min(ANNOUNCE_FIRST, ANNOUNCE_BATCH)
+            while start < len(paths):
+                chunk = paths[start:start + size]
+                start, size = start + size, ANNOUNCE_BATCH
                 uploader.announce(chunk, paths)
                 for batch in batches(chunk):
                     to_send.put(batch)
@@ -455,19 +458,24 @@ def main() -> None:
                     profilers = (start_profilers(server, args.profile)
                                  if args.profile and number == 0 else [])
                     seconds["ours"], cpu["ours"] = timed_cpu(
-                        lambda: our_processes(server),
+                        lambda: {**our_processes(server), "other": [orthanc.pid]},
                         lambda: upload_ours(web_port, paths, root, args.clients))
                     stop_profilers(profilers)
                 else:
                     seconds["peer"], cpu["peer"] = timed_cpu(
-                        lambda: {"orthanc": [orthanc.pid]},
+                        lambda: {"orthanc": [orthanc.pid],
+                                 "other": [pid for pids in our_processes(server).values()
+                                           for pid in pids]},
                         lambda: upload_orthanc(http_port, paths, args.clients))
                     orthanc_empty(http_port)
             results.append(Round(seconds["ours"], seconds["peer"], cpu["ours"], cpu["peer"]))
+            # "other": what the side not being measured spent meanwhile (it should be
+            # idle).
             print(f"round {number + 1}: ours {seconds['ours']:.2f} s "
-                  f"({sum(cpu['ours'].values()):.1f} s of CPU), Orthanc "
-                  f"{seconds['peer']:.2f} s ({sum(cpu['peer'].values()):.1f} s of CPU)",
-                  flush=True)
+                  f"({sum(cpu['ours'].values()) - cpu['ours']['other']:.1f} s of CPU; "
+                  f"Orthanc meanwhile {cpu['ours']['other']:.2f} s), Orthanc "
+                  f"{seconds['peer']:.2f} s ({cpu['peer']['orthanc']:.1f} s of CPU; "
+                  f"ours meanwhile {cpu['peer']['other']:.2f} s)", flush=True)
     finally:
         if server is not None:
             server.stop()
