@@ -8,10 +8,11 @@ dropped for the run (``--postgres``, else SQLite), the shared cache on Redis, ou
 as gunicorn (WORKERS workers of THREADS threads, as deployed) with persistent database
 connections (as in production), and an Orthanc with its storage in the same folder. Both
 are fed by the same client: CLIENTS threads, each on one kept-alive connection, taking
-the next request from a shared list. Ours is timed from the first announcement to the last file's
-answer; Orthanc from its first POST to its last answer. Each round gives ours a new
-request of a new facility (an empty archive; the files of the one before removed) and
-Orthanc an emptied store; rounds alternate which goes first; medians are reported.
+the next request from a shared queue. Ours is timed from the first announcement to the
+last file's answer; Orthanc from its first POST to its last answer. Each round gives ours
+a new request of a new facility (an empty archive) and Orthanc a new, empty store;
+nothing is deleted until the end (an archive only grows); rounds alternate which goes
+first; medians are reported.
 
     .venv/bin/python bench/upload.py [--rounds 3] [--files 2000] [--clients 4]
                                      [--workers 4] [--threads 8]
@@ -251,7 +252,6 @@ def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float
         raise refused[0]
     if archived(facility) != len(paths):
         raise RuntimeError(f"the archive holds {archived(facility)} of {len(paths)} files")
-    archive_files_remove(facility)
     return elapsed
 
 
@@ -267,17 +267,20 @@ def upload_orthanc(port: int, paths: list[Path], clients: int) -> float:
     return parallel(paths, clients, port, post)
 
 
-def orthanc_empty(port: int) -> None:
-    from dicomgw.demopacs import OrthancApi
+def orthanc_fresh(work: Path, name: str) -> tuple[subprocess.Popen, int]:
+    """An Orthanc on an empty store of its own (a new folder, a new index): each round
+    ingests into an archive that only grows, as ours does, with no files deleted just
+    before (see the README on this machine's file system). Returns it and its HTTP
+    port."""
+    from dicomgw.demopacs import DemoPacsConfig, free_port, start_orthanc, wait_for_orthanc
 
-    api = OrthancApi(port, timeout=600)
-    try:
-        for patient in api.request("GET", "/patients"):
-            api.request("DELETE", f"/patients/{patient}")
-        if api.request("GET", "/statistics")["CountInstances"]:
-            raise RuntimeError("Orthanc still holds instances")
-    finally:
-        api.close()
+    config = DemoPacsConfig(root=work / f"orthanc-{name}", ae_title="BENCHPACS",
+                            port=free_port(), http_port=free_port(), scp_ae_title="NOBODY",
+                            scp_host="127.0.0.1", scp_port=free_port())
+    config.root.mkdir()
+    process = start_orthanc(config)
+    wait_for_orthanc(config, process, stop=threading.Event())
+    return process, config.http_port
 
 
 # --- CPU used by each side ----------------------------------------------------------
@@ -351,17 +354,6 @@ def archived(short_name: str) -> int:
     return Instance.objects.filter(facility__short_name=short_name).count()
 
 
-def archive_files_remove(short_name: str) -> None:
-    """Remove the files the round stored, as Orthanc's are between rounds (its rows
-    stay): otherwise each round would write into page cache the rounds before still
-    hold, which costs a virtual machine more than writing into memory freed."""
-    from dicomgw.models import archive_storage
-    from pockethealth.models import Facility
-
-    facility = Facility.objects.get(short_name=short_name)
-    shutil.rmtree(Path(archive_storage().location) / str(facility.pk))
-
-
 @dataclass
 class Round:
     ours: float
@@ -408,19 +400,12 @@ def main() -> None:
     args = parser.parse_args()
     args.load = os.getloadavg()[0]
 
-    from dicomgw.demopacs import (
-        DemoPacsConfig,
-        free_port,
-        orthanc_installed,
-        start_orthanc,
-        stop_process,
-        wait_for_orthanc,
-    )
+    from dicomgw.demopacs import free_port, orthanc_installed, stop_process
 
     if not orthanc_installed():
         sys.exit("Orthanc is required")
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    web_port, pacs_port, http_port = free_port(), free_port(), free_port()
+    web_port = free_port()
     database_url, database_name = (create_postgres_database(args.postgres) if args.postgres
                                    else (f"sqlite:///{work / 'bench.sqlite3'}", None))
     orthanc = server = None
@@ -435,12 +420,7 @@ def main() -> None:
         paths = generate_folder(root, files=args.files)
         total = sum(p.stat().st_size for p in paths)
 
-        config = DemoPacsConfig(root=work / "orthanc", ae_title="BENCHPACS", port=pacs_port,
-                                http_port=http_port, scp_ae_title="NOBODY",
-                                scp_host="127.0.0.1", scp_port=free_port())
-        config.root.mkdir()
-        orthanc = start_orthanc(config)
-        wait_for_orthanc(config, orthanc, stop=threading.Event())
+        orthanc, http_port = orthanc_fresh(work, "warm-up")
         server = Gunicorn(env, web_port, args.workers, args.threads, work / "gunicorn.log")
 
         print("Warming up…", flush=True)
@@ -449,8 +429,9 @@ def main() -> None:
         warm_up = paths[:min(len(paths), 200 * args.workers)]
         upload_ours(web_port, warm_up, root, max(args.clients, 4 * args.workers))
         upload_orthanc(http_port, warm_up, args.clients)
-        orthanc_empty(http_port)
         for number in range(args.rounds):
+            stop_process(orthanc)
+            orthanc, http_port = orthanc_fresh(work, f"round-{number + 1}")
             order = ("ours", "peer") if number % 2 == 0 else ("peer", "ours")
             seconds, cpu = {}, {}
             for who in order:
@@ -458,16 +439,15 @@ def main() -> None:
                     profilers = (start_profilers(server, args.profile)
                                  if args.profile and number == 0 else [])
                     seconds["ours"], cpu["ours"] = timed_cpu(
-                        lambda: {**our_processes(server), "other": [orthanc.pid]},
+                        lambda peer=orthanc: {**our_processes(server), "other": [peer.pid]},
                         lambda: upload_ours(web_port, paths, root, args.clients))
                     stop_profilers(profilers)
                 else:
                     seconds["peer"], cpu["peer"] = timed_cpu(
-                        lambda: {"orthanc": [orthanc.pid],
+                        lambda peer=orthanc: {"orthanc": [peer.pid],
                                  "other": [pid for pids in our_processes(server).values()
                                            for pid in pids]},
-                        lambda: upload_orthanc(http_port, paths, args.clients))
-                    orthanc_empty(http_port)
+                        lambda port=http_port: upload_orthanc(port, paths, args.clients))
             results.append(Round(seconds["ours"], seconds["peer"], cpu["ours"], cpu["peer"]))
             # "other": what the side not being measured spent meanwhile (it should be
             # idle).
