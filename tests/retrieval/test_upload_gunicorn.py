@@ -62,9 +62,11 @@ def test_a_disc_sent_to_gunicorn_in_batches_is_archived_byte_for_byte(
         sock.sendall(f"POST /upload/{facility}/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      f"Content-Length: {len(body)}\r\n{head}\r\n".encode() + body[:cut_at])
         sock.shutdown(socket.SHUT_WR)
-        answer = sock.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert b"did not arrive whole" in answer
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        data = answer.read()
+    assert answer.status == 400, data[:300]
+    assert b"did not arrive whole" in data
     settled = dict(UploadedFile.objects.filter(
         path__in=[f.path for f in cut_batch]).values_list("path", "outcome"))
     assert [settled[f.path] for f in cut_batch] == ["stored", "stored"] + ["pending"] * 4
