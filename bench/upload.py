@@ -226,13 +226,11 @@ def upload_ours(port: int, paths: list[Path], root: Path, clients: int) -> float
     refused: list[Exception] = []
 
     def announce_all():
-        from retrieval.upload import ANNOUNCE_BATCH, ANNOUNCE_FIRST
+        from retrieval.upload import ANNOUNCE_BATCH
 
         try:
-            start, size = 0, min(ANNOUNCE_FIRST, ANNOUNCE_BATCH)
-            while start < len(paths):
-                chunk = paths[start:start + size]
-                start, size = start + size, ANNOUNCE_BATCH
+            for start in range(0, len(paths), ANNOUNCE_BATCH):
+                chunk = paths[start:start + ANNOUNCE_BATCH]
                 uploader.announce(chunk, paths)
                 for batch in batches(chunk):
                     to_send.put(batch)

@@ -59,10 +59,8 @@ Status = RecordRequest.Status
 # enough after it to name what a non-DICOM file looks like.
 HEAD_BYTES = 256
 DICM_OFFSET = 128  # PS3.10 7.1: a 128-byte preamble, then "DICM"
-# Files announced in one request; the first announcement of a folder is shorter, so
-# that sending starts at once.
+# Files announced in one request.
 ANNOUNCE_BATCH = 1000
-ANNOUNCE_FIRST = 100
 PATH_MAX = UploadedFile._meta.get_field("path").max_length
 REASON_MAX = UploadedFile._meta.get_field("reason").max_length
 # A DICOMDIR is read whole; one listing tens of thousands of images is a few MB.

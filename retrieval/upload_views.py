@@ -39,7 +39,6 @@ from .models import RecordRequest, Upload, UploadedFile
 from .services import RetrievalError
 from .upload import (
     ANNOUNCE_BATCH,
-    ANNOUNCE_FIRST,
     DECLINE_SUGGESTIONS,
     HEAD_BYTES,
     AnnouncedFile,
@@ -365,7 +364,6 @@ def upload_files(request: HttpRequest, record_request: RecordRequest,
             "batchFiles": settings.UPLOAD_BATCH_FILES, "batchBytes": settings.UPLOAD_BATCH_BYTES,
             "reviewUrl": reverse("upload-review", args=[facility]),
             "parallel": settings.UPLOAD_PARALLEL, "batch": ANNOUNCE_BATCH,
-            "firstBatch": ANNOUNCE_FIRST,
             "headBytes": HEAD_BYTES, "maxFiles": settings.UPLOAD_MAX_FILES,
             "maxFileBytes": settings.UPLOAD_MAX_FILE_BYTES,
             "stallSeconds": settings.UPLOAD_STALL_SECONDS,

@@ -243,12 +243,10 @@
     return results;
   }
 
-  // Announce ``items``; settle those the server has, queue the others (once). The first
-  // announcement is short, so that sending starts at once; the rest are announced while
-  // the files queued are sent.
+  // Announce ``items``; settle those the server has, queue the others (once).
   async function announce(items, checking) {
-    for (let i = 0, n = Math.min(config.firstBatch, config.batch); i < items.length; i += n, n = config.batch) {
-      const chunk = items.slice(i, i + n);
+    for (let i = 0; i < items.length; i += config.batch) {
+      const chunk = items.slice(i, i + config.batch);
       const heads = await mapLimit(chunk, 8, function (item) { return readHead(item.file); });
       if (checking) setTitle(say("checking", { n: number.format(Math.min(i + chunk.length, items.length)), total: number.format(items.length) }));
       const answer = await postJson(config.announceUrl, {
