@@ -79,7 +79,6 @@ def body_rest(request: HttpRequest, length: int) -> BinaryIO | SocketBody:
     held = body.buf.getvalue()
     body.buf = io.BytesIO()
     received = unreader.buf.getvalue()
-    unreader.buf.seek(0, io.SEEK_END)
     ours = received[:reader.length]
     if ours:
         unreader.buf = io.BytesIO()
